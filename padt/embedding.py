@@ -1,0 +1,89 @@
+"""PaDT's dynamic embedding: visual prototypes, the extended input table and the extended classifier (spec 3.3-3.5).
+
+Instead of concatenating `[embed_tokens.weight; P]` at every call (the authors rebuild the full table twice per decode
+step), ids below V are embedded by the text table and ids >= V by gathering prototype rows; the classifier computes
+`lm_head(h)` and `h @ P^T` and concatenates the two, which is the same function at a fraction of the memory traffic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ZeroInitLayerNorm(nn.LayerNorm):
+    """LayerNorm whose weight and bias start at zero (`PaDTForConditionalGeneration._init_weights` zeroes both), so every
+    prototype is exactly 0 at initialisation (spec 3.3)."""
+
+
+class VisualPrototypeProjection(nn.Module):
+    """Prototypes `P = LN0(E) + W2 W1 LN0(E)` from merged image embeddings E; state-dict keys of the released
+    checkpoints are the model's top-level `vis_norm.*` and `vis_proj.{0,1}.weight`, so the model owns the two submodules
+    and this class only holds the formula."""
+
+    @staticmethod
+    def apply(image_embeds: torch.Tensor, norm: nn.Module | None, proj: nn.Module | None) -> torch.Tensor:
+        """Args:
+            image_embeds (`torch.Tensor` of shape `(N_cells, H)`): merger output E.
+            norm, proj: `vis_norm` and `vis_proj`; `None` (ablation without projection) returns a clone of E.
+        Returns:
+            `torch.Tensor` of shape `(N_cells, H)`.
+        """
+        if norm is None or proj is None:
+            return image_embeds.clone()
+        x = norm(image_embeds)
+        return x + proj(x)
+
+
+def build_vis_proj(hidden_size: int, rank: int) -> nn.Sequential:
+    """`vis_proj`: Linear(H -> r) then Linear(r -> H), no biases (keys `vis_proj.0.weight`, `vis_proj.1.weight`)."""
+    return nn.Sequential(nn.Linear(hidden_size, rank, bias=False), nn.Linear(rank, hidden_size, bias=False))
+
+
+def embed_with_prototypes(
+    input_ids: torch.Tensor, embed_tokens: nn.Embedding, prototypes: torch.Tensor | None, vrt_base_id: int
+) -> torch.Tensor:
+    """Embed ids through the extended table `[embed_tokens; P]` without building it.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(B, L)`): text ids `< V` and global VRT ids `V + j`.
+        prototypes (`torch.Tensor` of shape `(N_cells, H)`, *optional*): rows for ids >= V.
+    Returns:
+        `torch.Tensor` of shape `(B, L, H)`.
+    """
+    is_vrt = input_ids >= vrt_base_id
+    if prototypes is None or not bool(is_vrt.any()):
+        return embed_tokens(input_ids)
+    embeds = embed_tokens(input_ids.masked_fill(is_vrt, 0))
+    where = is_vrt.nonzero(as_tuple=True)
+    rows = prototypes[input_ids[where] - vrt_base_id].to(embeds.dtype)
+    return embeds.index_put(where, rows)
+
+
+def extended_logits(
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    prototypes: torch.Tensor | None,
+    allowed_cells: torch.Tensor | None,
+    blocked_text_rows: slice | None = None,
+) -> torch.Tensor:
+    """Logits over text ids and VRT ids, `-inf` where a row may not emit (spec 3.4-3.5).
+
+    Args:
+        hidden (`torch.Tensor` of shape `(B, L, H)`): final-norm hidden states.
+        lm_head: the text classifier (tied to `embed_tokens` when `tie_word_embeddings`, as the 3B).
+        prototypes (`torch.Tensor` of shape `(N_cells, H)`, *optional*): classifier rows of the VRT ids.
+        allowed_cells (`torch.BoolTensor` of shape `(B, N_cells)`, *optional*): prototypes each row may emit.
+        blocked_text_rows: text ids to mask as well (unused embedding rows), or None.
+    Returns:
+        `torch.Tensor` of shape `(B, L, V + N_cells)` (or `(B, L, V)` without prototypes).
+    """
+    text = lm_head(hidden)
+    if blocked_text_rows is not None:
+        text[..., blocked_text_rows] = float("-inf")
+    if prototypes is None or prototypes.shape[0] == 0:
+        return text
+    vrt = hidden @ prototypes.to(hidden.dtype).T  # B x L x N_cells
+    if allowed_cells is not None:
+        vrt = vrt.masked_fill(~allowed_cells[:, None, :], float("-inf"))
+    return torch.cat([text, vrt.to(text.dtype)], dim=-1)

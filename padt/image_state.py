@@ -1,0 +1,154 @@
+"""`VRTImageState`: everything PaDT keeps about the images of a batch between forward calls.
+
+The prototypes of a batch's images extend the vocabulary: global VRT id `V + j` is prototype row `j` (spec 3.6). Which
+rows a batch sample may read or emit is given by `cell_sample_idx`: prototype `j` belongs to batch row
+`cell_sample_idx[j]`. This generalises the authors' per-image logit mask (which assumed image i = row i) to samples with
+several images or none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class VRTImageState:
+    """Image state shared by the prefill and every decode step.
+
+    Attributes:
+        image_embeds (`torch.Tensor` of shape `(N_cells, H)`): raw merger output E_img (inserted at `<|image_pad|>`).
+        prototypes (`torch.Tensor` of shape `(N_cells, H)`): visual reference prototypes P (VRT input rows and
+            classifier rows); authors' name `past_image_embeds`.
+        high_res_embeds (`torch.Tensor` of shape `(N_patches, D_vit)`): pre-merger ViT features for the decoder;
+            authors' `past_high_res_image_embeds`.
+        pos_embeds (`tuple` of two `(N_patches, head_dim_vit)` tensors): ViT rotary (cos, sin); authors' `past_visual_pe`.
+        image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`).
+        image_sample_idx (`torch.LongTensor` of shape `(num_images,)`): batch row of each image.
+        cell_sample_idx (`torch.LongTensor` of shape `(N_cells,)`): batch row of each prototype.
+        batch_size (`int`): number of batch rows the state was built for.
+        step_hidden_states (`list` of `(B, H)` tensors): during `generate`, the final-norm hidden state of the last
+            position of every forward call, i.e. the state that predicted each generated token.
+    """
+
+    image_embeds: torch.Tensor | None
+    prototypes: torch.Tensor
+    high_res_embeds: torch.Tensor | None
+    pos_embeds: tuple[torch.Tensor, torch.Tensor] | None
+    image_grid_thw: torch.Tensor | None
+    image_sample_idx: torch.Tensor
+    cell_sample_idx: torch.Tensor
+    batch_size: int
+    record_step_hidden: bool = False
+    step_hidden_states: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def num_cells(self) -> int:
+        return int(self.prototypes.shape[0])
+
+    def allowed_cells(self, batch_size: int) -> torch.Tensor:
+        """Boolean `(batch_size, N_cells)`: which prototypes each row may read/emit.
+
+        A batch expanded by `generate` (`num_return_sequences`, repeat-interleaved rows) maps back to its source rows.
+        """
+        if batch_size % self.batch_size != 0:
+            raise ValueError(
+                f"the image state was built for {self.batch_size} batch rows, got {batch_size}; pass the same batch "
+                "(or a repeat-interleaved expansion of it) that the images came with"
+            )
+        rows = torch.arange(batch_size, device=self.cell_sample_idx.device) // (batch_size // self.batch_size)
+        return rows[:, None] == self.cell_sample_idx[None, :]
+
+    def logit_mask(self, vocab_rows: int, batch_size: int | None = None) -> torch.Tensor:
+        """Boolean `(B, V + N_cells)`: True on the text vocabulary and on the row's own prototypes (spec 3.5, per row)."""
+        batch_size = self.batch_size if batch_size is None else batch_size
+        allowed = self.allowed_cells(batch_size)
+        text = allowed.new_ones(batch_size, vocab_rows)
+        return torch.cat([text, allowed], dim=1)
+
+    def stacked_step_hidden(self) -> torch.Tensor | None:
+        """`(B, T_new, H)`: hidden state that predicted each generated token, or None if nothing was recorded."""
+        if not self.step_hidden_states:
+            return None
+        return torch.stack(self.step_hidden_states, dim=1)
+
+    @classmethod
+    def from_legacy(
+        cls,
+        past_image_embeds: torch.Tensor,
+        past_logit_mask: torch.Tensor | None,
+        past_high_res_image_embeds: torch.Tensor | None,
+        past_visual_pe: tuple[torch.Tensor, torch.Tensor] | None,
+        vocab_rows: int,
+        batch_size: int,
+    ) -> VRTImageState:
+        """Rebuild a state from the authors' four `past_*` values (decode calls written against their API).
+
+        `past_logit_mask` is `(rows, V + N)`: one row per batch sample (ours) or per image (theirs, one image per
+        sample). Without it, prototypes are split evenly in image order, which is only right for equal-size images.
+        """
+        n = past_image_embeds.shape[0]
+        if past_logit_mask is not None:
+            if past_logit_mask.shape[-1] != vocab_rows + n:
+                raise ValueError(
+                    f"past_logit_mask has width {past_logit_mask.shape[-1]}, expected vocabulary {vocab_rows} + "
+                    f"{n} prototypes = {vocab_rows + n}"
+                )
+            owner = past_logit_mask[:, vocab_rows:].float().argmax(0)
+            rows = past_logit_mask.shape[0]
+        else:
+            rows = batch_size
+            owner = torch.arange(n, device=past_image_embeds.device) * rows // max(n, 1)
+        return cls(
+            image_embeds=None,
+            prototypes=past_image_embeds,
+            high_res_embeds=past_high_res_image_embeds,
+            pos_embeds=past_visual_pe,
+            image_grid_thw=None,
+            image_sample_idx=torch.arange(rows, device=past_image_embeds.device),
+            cell_sample_idx=owner.to(past_image_embeds.device),
+            batch_size=rows,
+        )
+
+
+def cells_per_image(image_grid_thw: torch.Tensor, spatial_merge_size: int, cell_size_px: int) -> torch.Tensor:
+    """Merged cells (VRTs) per image, `(num_images,)` long; `ValueError` for an image smaller than one merged cell."""
+    h, w = image_grid_thw[:, 1], image_grid_thw[:, 2]
+    bad = (h < spatial_merge_size) | (w < spatial_merge_size) | (h % spatial_merge_size != 0) | (w % spatial_merge_size != 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"image {i} has a patch grid (t, h, w) = {tuple(image_grid_thw[i].tolist())} that is not a whole number of "
+            f"merged {spatial_merge_size}x{spatial_merge_size} cells; every image must be at least {cell_size_px}x"
+            f"{cell_size_px} px after resizing (one VRT cell)"
+        )
+    return image_grid_thw.prod(-1) // spatial_merge_size**2
+
+
+def assign_images_to_rows(image_tokens_per_row: list[int], cells: list[int]) -> list[int]:
+    """Batch row of each image, from the `<|image_pad|>` count of each row (images are in row order).
+
+    Raises `ValueError` when a row's image tokens do not add up to whole images or images are left over.
+    """
+    owners: list[int] = []
+    i = 0
+    for row, count in enumerate(image_tokens_per_row):
+        remaining = count
+        while remaining > 0 and i < len(cells):
+            if cells[i] > remaining:
+                break
+            owners.append(row)
+            remaining -= cells[i]
+            i += 1
+        if remaining != 0:
+            raise ValueError(
+                f"image-token count mismatch: batch row {row} has {count} <|image_pad|> tokens, which do not match the "
+                f"merged-cell counts of the next images {cells[len(owners):len(owners) + 3]} (one token per merged cell)"
+            )
+    if i != len(cells):
+        raise ValueError(
+            f"image-token count mismatch: {len(cells)} images were given (image_grid_thw) but the prompts' "
+            f"<|image_pad|> tokens cover only {i} of them ({sum(image_tokens_per_row)} tokens, {sum(cells)} cells)"
+        )
+    return owners
