@@ -1,2 +1,44 @@
-"""PaDT on transformers 5.x."""
+"""padt: Patch-as-Decodable-Token (PaDT, arXiv 2510.01954) on Hugging Face transformers 5.x.
+
+Public names are imported lazily (PEP 562), so `import padt` is cheap and light submodules (parsing, masks, metrics)
+work without loading the model code. Importing padt never patches transformers and never imports deepspeed or
+flash_attn.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    # model
+    "PaDTConfig": "padt.config",
+    "PaDTForConditionalGeneration": "padt.modeling",
+    "PaDTCausalLMOutput": "padt.outputs",
+    "PaDTGenerateOutput": "padt.outputs",
+    "VRTImageState": "padt.image_state",
+    "PaDTDecoder": "padt.decoder",
+    # processing (authors' names and ours)
+    "VisonTextProcessingClass": "padt.processing",
+    "PaDTProcessor": "padt.processing",
+    "VRTCodec": "padt.vrt",
+    "parseVRTintoCompletion": "padt.parsing",
+    "parse_completion": "padt.parsing",
+    # one-call inference
+    "PaDTPredictor": "padt.predictor",
+    "Prediction": "padt.predictor",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'padt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

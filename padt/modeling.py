@@ -27,6 +27,7 @@ from transformers.conversion_mapping import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
@@ -47,6 +48,7 @@ from padt.outputs import PaDTCausalLMOutput, PaDTGenerateOutput
 from padt.vision import encode_images
 from padt.vl_decode import vl_decode as _vl_decode
 
+PADT_MODULE_NAMES = ("vis_norm", "vis_proj", "vl_decoder")
 PADT_STATE_KWARGS = ("past_image_embeds", "past_logit_mask", "past_high_res_image_embeds", "past_visual_pe")
 # `forward(..., is_main=False)` (the authors' trainer calls the decoder through forward for ZeRO-3 hooks): the first
 # five positional arguments are vl_decode's, in this order.
@@ -97,6 +99,32 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             attn_implementation=config.resolved_decoder_attn_implementation(),
         )
         self.post_init()
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, *args: Any, allow_missing_padt_weights: bool | None = None, **kwargs: Any
+    ) -> PaDTForConditionalGeneration:
+        """transformers' `from_pretrained`, plus a check of the PaDT weights.
+
+        A base Qwen2.5-VL checkpoint (no `vl_decoder` in its config.json) starts PaDT training: the new modules are
+        initialised (`vis_norm` = 0, N(0, 0.02) linears). A PaDT checkpoint (its config has `vl_decoder`) that lacks
+        any PaDT weight raises `ValueError` naming them, unless `allow_missing_padt_weights=True`.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info["missing_keys"] if k.split(".")[0] in PADT_MODULE_NAMES)
+        if missing and allow_missing_padt_weights is None:
+            raw, _ = PaDTConfig.get_config_dict(pretrained_model_name_or_path, **{
+                k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only", "token", "subfolder") if k in kwargs
+            })
+            allow_missing_padt_weights = "vl_decoder" not in raw
+        if missing and not allow_missing_padt_weights:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a PaDT checkpoint (its config has vl_decoder) but lacks "
+                f"{len(missing)} PaDT weights: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. "
+                "Pass allow_missing_padt_weights=True to initialise them instead."
+            )
+        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, ZeroInitLayerNorm):  # prototypes start at exactly 0 (spec 3.3)
@@ -408,7 +436,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         out = super().generate(inputs, *args, padt_state=state, **kwargs)
         if state is not None:
             state.record_step_hidden = False
-        if not isinstance(out, GenerateOutputTypes):
+        if not isinstance(out, GenerateDecoderOnlyOutput):
             return out
         V = self.config.vrt_base_id
         return PaDTGenerateOutput(
@@ -421,7 +449,3 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             padt_state=state,
         )
 
-
-from transformers.generation.utils import GenerateDecoderOnlyOutput as _GDO  # noqa: E402
-
-GenerateOutputTypes = (_GDO,)

@@ -1,0 +1,90 @@
+"""Tiny PaDT configurations built in code: the real Qwen2.5-VL architecture at toy sizes (tests, CPU demos, the shapes
+benchmark). No download: weights are random (or trained locally)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from padt.config import PaDTConfig
+
+QWEN_SPECIAL_TOKEN_NAMES = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+
+
+def tiny_padt_config(
+    *,
+    vocab_size: int = 320,
+    image_token_id: int = 300,
+    video_token_id: int = 301,
+    vision_start_token_id: int = 302,
+    vision_end_token_id: int = 303,
+    bos_token_id: int = 304,
+    eos_token_id: int = 305,
+    pad_token_id: int = 304,
+    tie_word_embeddings: bool = False,
+    text_hidden_size: int = 64,
+    text_layers: int = 2,
+    vision_hidden_size: int = 32,
+    vision_depth: int = 2,
+    vision_heads: int = 2,
+    window_size: int = 56,
+    **overrides: Any,
+) -> PaDTConfig:
+    """A PaDT config with a 2-layer LLM (width 64, 4 heads, 2 KV heads), a 2-block ViT (width 32, window 56 px = 2x2
+    merged cells, block 1 full attention) and a decoder of the ViT's width. `overrides` go to `PaDTConfig`."""
+    head_dim = text_hidden_size // 4
+    quarter = head_dim // 2 // 4  # mrope sections (t, h, w) must sum to head_dim / 2
+    text_config = dict(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden_size,
+        intermediate_size=2 * text_hidden_size,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                         "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    vision_config = dict(
+        depth=vision_depth,
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_heads=vision_heads,
+        in_channels=3,
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=window_size,
+        fullatt_block_indexes=[vision_depth - 1],
+        out_hidden_size=text_hidden_size,
+        tokens_per_second=2,
+    )
+    return PaDTConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
+        vision_start_token_id=vision_start_token_id,
+        vision_end_token_id=vision_end_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+        **overrides,
+    )
+
+
+def tiny_padt_config_for_tokenizer(tokenizer: Any, **kwargs: Any) -> PaDTConfig:
+    """`tiny_padt_config` whose special ids come from a Qwen-style tokenizer; the embedding has `len(tokenizer)` rows
+    (rounded up to a multiple of 64), so `<|VRT_0|>` = that row count."""
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in QWEN_SPECIAL_TOKEN_NAMES.items()}
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    rows = -(-len(tokenizer) // 64) * 64
+    return tiny_padt_config(vocab_size=kwargs.pop("vocab_size", rows), bos_token_id=pad, eos_token_id=eos,
+                            pad_token_id=pad, **ids, **kwargs)
