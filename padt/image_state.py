@@ -60,6 +60,14 @@ class VRTImageState:
         rows = torch.arange(batch_size, device=self.cell_sample_idx.device) // (batch_size // self.batch_size)
         return rows[:, None] == self.cell_sample_idx[None, :]
 
+    def image_embeds_for(self, batch_size: int) -> torch.Tensor:
+        """Raw image embeddings in the order of the `<|image_pad|>` tokens of a batch of `batch_size` rows (the
+        state's own batch, or its repeat-interleaved expansion by `generate`), `(N_tokens, H)`."""
+        if batch_size == self.batch_size:
+            return self.image_embeds
+        allowed = self.allowed_cells(batch_size)
+        return self.image_embeds[allowed.nonzero(as_tuple=True)[1]]
+
     def logit_mask(self, vocab_rows: int, batch_size: int | None = None) -> torch.Tensor:
         """Boolean `(B, V + N_cells)`: True on the text vocabulary and on the row's own prototypes (spec 3.5, per row)."""
         batch_size = self.batch_size if batch_size is None else batch_size

@@ -97,6 +97,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             spatial_merge_size=dec["spatial_merge_size"],
             use_mask_head=bool(dec.get("use_mask_loss", True)),
             attn_implementation=config.resolved_decoder_attn_implementation(),
+            feature_order=config.vrt_feature_order,
         )
         self.post_init()
 
@@ -270,12 +271,13 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     raise ValueError(
                         f"input_ids contain {n_image_tokens} <|image_pad|> tokens but no pixel_values were given"
                     )
-                if n_image_tokens != state.image_embeds.shape[0]:
+                image_embeds = state.image_embeds_for(input_ids.shape[0])
+                if n_image_tokens != image_embeds.shape[0]:
                     raise ValueError(
                         f"image-token count mismatch: {n_image_tokens} <|image_pad|> tokens for "
-                        f"{state.image_embeds.shape[0]} merged image features"
+                        f"{image_embeds.shape[0]} merged image features"
                     )
-                mm_encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=(state.image_embeds,))}
+                mm_encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=(image_embeds,))}
             if mm_token_type_ids is None:
                 mm_token_type_ids = self.mm_token_type_ids_from(input_ids)
         elif state is not None and state.image_embeds is not None and pixel_values is not None:
@@ -348,17 +350,19 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             text_pos = (attention_mask.long().cumsum(-1) - 1)[:, -length:].to(device)
         else:
             text_pos = torch.arange(past_len, past_len + length, device=device)[None, :].expand(batch, -1)
+        return (text_pos + self._rope_deltas_for(batch, device))[None].expand(3, -1, -1)
+
+    def _rope_deltas_for(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The prefill's rope deltas `(batch, 1)`, repeat-interleaved when `generate` expanded the batch."""
         deltas = self.model.rope_deltas.to(device)
-        if deltas.shape[0] != batch:
-            deltas = deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
-        return (text_pos + deltas)[None].expand(3, -1, -1)
+        return deltas if deltas.shape[0] == batch else deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
 
     def legacy_rope_deltas(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Prefill M-RoPE deltas `(B, 1)` in the authors' (transformers-4.50) convention: the next token's position is
         its padded index + delta. transformers 5.x stores them relative to unpadded positions instead."""
-        deltas = self.model.rope_deltas
-        if deltas is None or attention_mask is None or attention_mask.ndim != 2:
-            return deltas
+        if self.model.rope_deltas is None or attention_mask is None or attention_mask.ndim != 2:
+            return self.model.rope_deltas
+        deltas = self._rope_deltas_for(attention_mask.shape[0], attention_mask.device)
         pads = attention_mask.shape[1] - attention_mask.long().sum(1, keepdim=True)
         return deltas - pads.to(deltas.device)
 
