@@ -18,7 +18,7 @@ from pathlib import Path
 
 from padt.preprocess.templates import RIC_PROMPT, ovd_prompt, rec_prompt
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "padt" / "assets" / "tiny_shapes"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "padt" / "assets" / "tiny_default"
 DEFAULT_IMAGE = DEFAULT_MODEL / "sample.png"
 
 

@@ -88,3 +88,44 @@ def tiny_padt_config_for_tokenizer(tokenizer: Any, **kwargs: Any) -> PaDTConfig:
     rows = -(-len(tokenizer) // 64) * 64
     return tiny_padt_config(vocab_size=kwargs.pop("vocab_size", rows), bos_token_id=pad, eos_token_id=eos,
                             pad_token_id=pad, **ids, **kwargs)
+
+
+def sample_image(width: int = 224, height: int = 168):
+    """A synthetic scene (a red box and a blue disk on a grey-green background) as a PIL image."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (110, 130, 115))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([width * 0.1, height * 0.2, width * 0.45, height * 0.7], fill=(220, 40, 40))
+    draw.ellipse([width * 0.55, height * 0.35, width * 0.9, height * 0.85], fill=(40, 70, 220))
+    return img
+
+
+def build_tiny_checkpoint(out_dir: str, seed: int = 0) -> None:
+    """Save a tiny *untrained* PaDT model, its processor and `sample.png` to `out_dir` (the demo's placeholder default
+    until a trained tiny model is shipped)."""
+    import os
+
+    import torch
+
+    from padt.modeling import PaDTForConditionalGeneration
+    from padt.tiny import build_tiny_processor, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    processor = build_tiny_processor(tok)
+    torch.manual_seed(seed)
+    model = PaDTForConditionalGeneration(tiny_padt_config_for_tokenizer(tok))
+    with torch.no_grad():  # non-zero prototypes, so that the untrained model can emit VRTs at all
+        model.vis_norm.weight.fill_(1.0)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    sample_image().save(os.path.join(out_dir, "sample.png"))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write a tiny untrained PaDT checkpoint + processor + sample image.")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    build_tiny_checkpoint(ap.parse_args().out, ap.parse_args().seed)

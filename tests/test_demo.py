@@ -56,3 +56,11 @@ def test_demo_bad_inputs_give_clear_messages(checkpoint, tmp_path, capsys):  # n
     assert "cannot read image" in capsys.readouterr().err
     assert demo.main(["--model", str(tmp_path / "no_model"), "--image", str(image_path)]) == 2
     assert "no_model" in capsys.readouterr().err
+
+
+def test_demo_without_arguments_uses_the_shipped_model(tmp_path, capsys):
+    demo = _demo()
+    assert demo.DEFAULT_MODEL.is_dir() and demo.DEFAULT_IMAGE.is_file()
+    assert demo.main(["--out", str(tmp_path), "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert "Completion:" in capsys.readouterr().out
+    assert Image.open(tmp_path / "vrt_seg.png").size == Image.open(demo.DEFAULT_IMAGE).size

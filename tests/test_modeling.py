@@ -247,3 +247,29 @@ print("OK")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_merge_block_feature_order_groups_rows_by_cell():
+    window = make_tiny_model()
+    block = make_tiny_model(vrt_feature_order="merge_block")
+    batch = build_batch(window.config, [Sample(images=[(8, 8)])])  # 4x4 cells, 2x2 windows: order differs
+    a, b = _forward(window, batch).padt_state, _forward(block, batch).padt_state
+    assert not torch.equal(a.high_res_embeds, b.high_res_embeds)
+    # same rows, other order; in merge_block order rows 4c..4c+3 belong to cell c, like the prototypes
+    assert torch.allclose(a.high_res_embeds.sort(0).values, b.high_res_embeds.sort(0).values)
+    from padt.vision import window_index
+
+    idx = window_index(window.model.visual, batch["image_grid_thw"])
+    torch.testing.assert_close(a.high_res_embeds.reshape(16, 4, -1)[torch.argsort(idx)], b.high_res_embeds.reshape(16, 4, -1))
+    feats = [[torch.randn(3, 64)]]
+    out = block.vl_decode(feats, b.prototypes, b.high_res_embeds, batch["image_grid_thw"], b.pos_embeds)
+    assert out["pred_mask"].shape == (1, 32, 32)
+
+
+def test_mask_unused_token_rows():
+    model = make_tiny_model(mask_unused_token_rows=True, num_tokenizer_tokens=310)
+    out = _forward(model, build_batch(model.config, [Sample(images=[(4, 4)])]))
+    assert torch.isinf(out.logits[..., 310:320]).all() and torch.isfinite(out.logits[..., :310]).all()
+    assert torch.isfinite(out.logits[..., 320:]).all()
+    with pytest.raises(ValueError, match="num_tokenizer_tokens"):
+        tiny_padt_config(mask_unused_token_rows=True)
