@@ -42,6 +42,7 @@ class VRTImageState:
     batch_size: int
     record_step_hidden: bool = False
     step_hidden_states: list[torch.Tensor] = field(default_factory=list)
+    _cache: dict = field(default_factory=dict, repr=False)  # per-batch-size masks, built once for all decode steps
 
     @property
     def num_cells(self) -> int:
@@ -52,6 +53,12 @@ class VRTImageState:
 
         A batch expanded by `generate` (`num_return_sequences`, repeat-interleaved rows) maps back to its source rows.
         """
+        key = ("allowed", batch_size)
+        if key not in self._cache:
+            self._cache[key] = self._allowed_cells(batch_size)
+        return self._cache[key]
+
+    def _allowed_cells(self, batch_size: int) -> torch.Tensor:
         if batch_size % self.batch_size != 0:
             raise ValueError(
                 f"the image state was built for {self.batch_size} batch rows, got {batch_size}; pass the same batch "
@@ -71,9 +78,11 @@ class VRTImageState:
     def logit_mask(self, vocab_rows: int, batch_size: int | None = None) -> torch.Tensor:
         """Boolean `(B, V + N_cells)`: True on the text vocabulary and on the row's own prototypes (spec 3.5, per row)."""
         batch_size = self.batch_size if batch_size is None else batch_size
-        allowed = self.allowed_cells(batch_size)
-        text = allowed.new_ones(batch_size, vocab_rows)
-        return torch.cat([text, allowed], dim=1)
+        key = ("logit_mask", vocab_rows, batch_size)
+        if key not in self._cache:
+            allowed = self.allowed_cells(batch_size)
+            self._cache[key] = torch.cat([allowed.new_ones(batch_size, vocab_rows), allowed], dim=1)
+        return self._cache[key]
 
     def stacked_step_hidden(self) -> torch.Tensor | None:
         """`(B, T_new, H)`: hidden state that predicted each generated token, or None if nothing was recorded."""

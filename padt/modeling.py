@@ -405,12 +405,6 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         )
 
     # ------------------------------------------------------------------ generation
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        if inputs.get("padt_state") is not None:
-            inputs.pop("pixel_values", None)  # the images were encoded once, before the first step
-        return inputs
-
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> PaDTGenerateOutput | torch.Tensor:
         """`GenerationMixin.generate` with PaDT's image state.
