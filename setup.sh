@@ -2,12 +2,12 @@
 # One command to set up a fresh machine for padt: a virtualenv in .venv with torch, padt and its extras.
 #   bash setup.sh            # CPU machine (this kind): torch CPU build, no torchvision, no flash-attn
 #   PADT_GPU=1 bash setup.sh # GPU node: the CUDA torch build, torchvision, and the flash-attn extra
-# Environment: PADT_VENV (default .venv), PADT_EXTRAS (default "train,eval,dev"), PADT_TORCH (torch spec).
+# Environment: PADT_VENV (default .venv), PADT_EXTRAS (default "train,eval,demo,dev"), PADT_TORCH (torch spec).
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${PADT_VENV:-.venv}
-EXTRAS=${PADT_EXTRAS:-train,eval,dev}
+EXTRAS=${PADT_EXTRAS:-train,eval,demo,dev}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip

@@ -16,22 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from padt.preprocess.templates import RIC_PROMPT, ovd_prompt, rec_prompt
-
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "padt" / "assets" / "tiny_default"
 DEFAULT_IMAGE = DEFAULT_MODEL / "sample.png"
-
-
-def build_prompt(args: argparse.Namespace) -> str:
-    if args.prompt:
-        return args.prompt
-    if args.task == "ric":
-        return RIC_PROMPT
-    if not args.query:
-        raise SystemExit(f"--task {args.task} needs --query (a sentence for rec, comma-separated categories for ovd)")
-    if args.task == "rec":
-        return rec_prompt(args.query)
-    return ovd_prompt([c.strip() for c in args.query.split(",") if c.strip()])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import UnidentifiedImageError
 
+    from padt.app import build_prompt
     from padt.masks import rle_encode
     from padt.predictor import PaDTPredictor
     from padt.processing import load_image
@@ -77,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"cannot load model {model_path}: {err}", file=sys.stderr)
         return 2
-    prompt = build_prompt(args)
+    try:
+        prompt = build_prompt(args.task, args.query, args.prompt)
+    except ValueError as err:
+        print(f"{err} (use --query, or --prompt)", file=sys.stderr)
+        return 2
     [pred] = predictor.predict(image, prompt)
 
     out = Path(args.out)
