@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from padt.vrt import VRTCodec, local_to_global_cells, pid2vrt
@@ -139,7 +140,7 @@ class CompletionParser:
     def decode(self, token_ids: Sequence[int]) -> str:
         """Ids -> text with special tokens and `<|VRT_k|>`; no eos cut (the authors' ``completions`` string)."""
         V, table = self.vrt_base_id, self.table
-        return b"".join(table[t] if 0 <= t < V else f"<|VRT_{t - V}|>".encode() for t in token_ids).decode(
+        return b"".join([table[t] if 0 <= t < V else b"<|VRT_%d|>" % (t - V) for t in token_ids]).decode(
             "utf-8", "replace"
         )
 
@@ -155,7 +156,8 @@ class CompletionParser:
         a_end = a + len(b"<answer>")
         s = start + bisect.bisect_left(offs, a_end)
         c = text.find(b"</answer>", a_end)
-        e = end if c < 0 else start + bisect.bisect_left(offs, c)
+        # end before the token that starts the closing tag (zero-byte VRT tokens right before it stay in)
+        e = end if c < 0 else start + bisect.bisect_right(offs, c) - 1
         return s, max(s, e)
 
     def parse(self, token_ids: Sequence[int], *, need_thinking: bool = False,
@@ -176,24 +178,22 @@ class CompletionParser:
                 end = ids.index(e, 0, end)
             except ValueError:
                 pass
-        if end and min(ids[:end]) < 0:
-            raise ValueError(f"token ids must be >= 0, got {min(ids[:end])} (pass completion ids, not labels)")
         start = 0
         if need_thinking:
             start, end = self._answer_span(ids, 0, end)
-        flags = bytes(map(V.__le__, ids[start:end]))  # 1 at VRT positions; runs found by C-level find
+        sub = ids[start:end] if start or end < len(ids) else ids
+        if sub and min(sub) < 0:
+            raise ValueError(f"token ids must be >= 0, got {min(sub)} (pass completion ids, not labels)")
+        flags = bytes(map(V.__le__, sub))  # 1 at VRT positions; runs are found by C-level bytes.find
+        find, get = flags.find, table.__getitem__
         objects: list[ParsedObject] = []
         prev: str | None = None
         seg_start = pos = 0
-        find = flags.find
-        while True:
-            a = find(1, pos)
-            if a < 0:
-                break
+        while (a := find(1, pos)) >= 0:
             b = find(0, a)
             if b < 0:
                 b = len(flags)
-            seg = b"".join([table[t] for t in ids[start + seg_start : start + a]])
+            seg = b"".join(map(get, sub[seg_start:a]))
             q = seg.count(b'"')
             if q >= 2:  # label rule (module docstring)
                 last = seg.rfind(b'"')
@@ -205,7 +205,7 @@ class CompletionParser:
                 label = prev
             else:
                 label = ""
-            obj = ParsedObject(label, [t - V for t in ids[start + a : start + b]], list(range(start + a, start + b)),
+            obj = ParsedObject(label, [t - V for t in sub[a:b]], list(range(start + a, start + b)),
                                (start + seg_start, start + a))
             if num_cells is not None:
                 obj = _drop_invalid(obj, num_cells)
@@ -280,6 +280,24 @@ def _make_parser(vrt_base_id, eos_token_id, token_table, decode_fn) -> Completio
 
 
 # ============================================================================ features
+_CPU_GRAIN = 32768  # torch runs CPU ops on more elements than this in its thread pool
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32)
+
+
+def _numpy_ok(*tensors: torch.Tensor) -> bool:
+    """CPU tensors without autograd: gather them with numpy, single-threaded. torch's 2-thread parallel copies of
+    a few hundred rows cost milliseconds on a contended CPU (thread wake-ups), numpy takes microseconds."""
+    return all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not (t.requires_grad and torch.is_grad_enabled())
+               for t in tensors)
+
+
+def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``x[rows]`` for a 2-D ``x`` `(N, H)` -> `(len(rows), H)`."""
+    if _numpy_ok(x):
+        return torch.from_numpy(x.detach().numpy()[rows] if rows else x.detach().numpy()[:0].copy())
+    return x.index_select(0, torch.tensor(rows, dtype=torch.long, device=x.device))
+
+
 def gather_object_features(
     hidden_states: torch.Tensor,
     objects: Sequence[Sequence[ParsedObject]],
@@ -315,8 +333,12 @@ def gather_object_features(
             rows.extend([b] * len(pos))
             lengths.append(len(pos))
             sample_idx.append(b)
-    index = torch.tensor([rows, cols], dtype=torch.long, device=hidden_states.device)
-    return hidden_states[index[0], index[1]], lengths, sample_idx
+    if _numpy_ok(hidden_states):
+        array = hidden_states.detach().numpy()
+        return torch.from_numpy(array[rows, cols] if rows else array[0, :0].copy()), lengths, sample_idx
+    # index_select on the flattened view: advanced indexing is far slower on small CPU batches
+    flat = torch.tensor([r * T + c for r, c in zip(rows, cols)], dtype=torch.long, device=hidden_states.device)
+    return hidden_states.reshape(B * T, -1).index_select(0, flat), lengths, sample_idx
 
 
 def gather_object_prototypes(
@@ -341,20 +363,20 @@ def gather_object_prototypes(
                 raise ValueError(f"row {b}: {err}") from None
             lengths.append(len(obj.vrt_ids))
             sample_idx.append(b)
-    index = torch.tensor(flat, dtype=torch.long, device=prototypes.device)
-    return prototypes.index_select(0, index), lengths, sample_idx
+    return _take_rows(prototypes, flat), lengths, sample_idx
 
 
 # ============================================================================ the authors' entry point
 def _generation_rows(hidden_states, steps: list[int]) -> torch.Tensor:
     """Last-layer state of the last position of each step: `(B, len(steps), H)` from the ``[step][layer]`` layout."""
     last = [hidden_states[t][-1] for t in steps]  # each (B, L_t, H)
-    if all(x.shape[1] == 1 for x in last):
-        return torch.cat(last, dim=1)
-    return torch.stack([x[:, -1] for x in last], dim=1)
+    B, H = last[0].shape[0], last[0].shape[-1]
+    if B * len(last) * H > _CPU_GRAIN and _numpy_ok(last[0]):  # large: avoid torch's threaded copy (see _numpy_ok)
+        return torch.from_numpy(np.concatenate([x.detach().numpy()[:, -1:] for x in last], axis=1))
+    return torch.cat([x if x.shape[1] == 1 else x[:, -1:] for x in last], dim=1)
 
 
-def parseVRTintoCompletion(  # noqa: N802 (the authors' public name)
+def parseVRTintoCompletion(  # the authors' public name
     processor,
     completion_ids,
     hidden_states,
@@ -384,7 +406,10 @@ def parseVRTintoCompletion(  # noqa: N802 (the authors' public name)
         label, concatenated VRT string, and prototype rows (None unless requested). Never raises on malformed
         output; objects parsed before a truncation are kept.
     """
-    vrt_base = getattr(processor, "vrt_base_id", None) or processor.model_embed_token_size
+    vrt_base = getattr(processor, "vrt_base_id", None) or getattr(processor, "model_embed_token_size", None)
+    if vrt_base is None:
+        raise TypeError(f"processor must be a VisonTextProcessingClass or PaDTProcessor (it gives the VRT base id), "
+                        f"got {type(processor).__name__}")
     merge = getattr(processor, "spatial_merge_size", None) or processor.image_processor.merge_size
     parser = getattr(processor, "completion_parser", None)
     if parser is None:
@@ -426,7 +451,7 @@ def parseVRTintoCompletion(  # noqa: N802 (the authors' public name)
     vrts_feats = [[None] * len(objs) for objs in objects]
     if ranges is not None and any(objects):
         flat = [g for b, objs in enumerate(objects) for o in objs for g in local_to_global_cells(ranges[b], o.vrt_ids)]
-        packed = image_prototype.index_select(0, torch.tensor(flat, dtype=torch.long, device=image_prototype.device))
+        packed = _take_rows(image_prototype, flat)
         vrts_feats = _unpack(packed.split([len(o.vrt_ids) for objs in objects for o in objs]), objects)
     return completions, feats, labels, vrts, vrts_feats
 

@@ -2,7 +2,9 @@
 
 **VRT text <-> ids (design choice).** VRT ids are arithmetic (`padt.vrt`): `<|VRT_k|>` is id ``V + k`` with ``V``
 the model's embedding rows. We do **not** add `<|VRT_i|>` (or `<|empty_token_i|>`) strings to the tokenizer, so it
-is never mutated, never persists thousands of extra entries, and ids never depend on the tokenizer's length:
+is never mutated, never persists thousands of extra entries, and ids never depend on the tokenizer's length
+(adding 16k tokens is no longer slow with tokenizers 0.23, 0.07 s measured; but the authors' way also needs
+`<|empty_token_*|>` padding up to V and grows the saved tokenizer):
 
 - encoding: ``processor(text=...)`` through either wrapper replaces every `<|VRT_k|>` by one placeholder token
   that the tokenizer already holds as an atomic added token (`<|vision_pad|>`, unused by Qwen2.5-VL; a text that
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature, Qwen2_5_VLProcessor
+from transformers import BatchFeature, Qwen2_5_VLProcessor
 
 from padt.vrt import VRT_TOKEN_PATTERN, VRTCodec, image_sample_idx_from_counts, pid2vrt
 
@@ -67,6 +69,12 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["processor_class"] = Qwen2_5_VLProcessor.__name__
+        # a video processor entry with the image geometry (class defaults for the rest), so that the saved
+        # directory also loads as the full processor where torchvision exists
+        ip = self.image_processor
+        keys = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor")
+        video = {k: getattr(ip, k) for k in keys if getattr(ip, k, None) is not None}
+        out.setdefault("video_processor", {"video_processor_type": "Qwen2VLVideoProcessor", **video})
         return out
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
@@ -97,7 +105,7 @@ def build_qwen_processor(
     With torchvision: the real `Qwen2_5_VLProcessor` (torchvision image backend + `Qwen2VLVideoProcessor`).
     Without: `ImageOnlyQwen2_5_VLProcessor` with `Qwen2VLImageProcessorPil`. Pixels and grids agree between the two.
     """
-    geometry = dict(patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=spatial_merge_size)
+    geometry = {"patch_size": patch_size, "temporal_patch_size": temporal_patch_size, "merge_size": spatial_merge_size}
     size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     if torchvision_available():
@@ -170,14 +178,14 @@ def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
         if src.startswith(("http://", "https://")):
             from urllib.request import urlopen
 
-            with urlopen(src) as resp:  # noqa: S310 (user-supplied URL, as in qwen_vl_utils)
+            with urlopen(src) as resp:  # a user-supplied URL, as in qwen_vl_utils
                 img = Image.open(BytesIO(resp.read()))
         elif src.startswith("data:image"):
             if "base64," not in src:
                 raise ValueError("data URI images must be base64-encoded ('data:image/...;base64,...')")
             img = Image.open(BytesIO(base64.b64decode(src.split("base64,", 1)[1])))
         else:
-            img = Image.open(src[7:] if src.startswith("file://") else src)
+            img = Image.open(src.removeprefix("file://"))
         img.load()
     else:
         raise TypeError(f"expected a PIL image, a path or a URL, got {type(image).__name__}")
@@ -282,25 +290,30 @@ class _VRTTextMixin:
         return cached
 
     def _placeholder(self) -> tuple[str, int]:
+        key = (id(self.tokenizer), len(self.tokenizer))
+        cached = self.__dict__.get("_placeholder_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         added = {getattr(t, "content", str(t)): i for i, t in self.tokenizer.added_tokens_decoder.items()}
         for cand in VRT_PLACEHOLDER_CANDIDATES:
             if cand in added:
+                self.__dict__["_placeholder_cache"] = (key, (cand, added[cand]))
                 return cand, added[cand]
         raise ValueError(f"the tokenizer has none of {VRT_PLACEHOLDER_CANDIDATES} as an added token, which the "
                          "VRT text encoding uses as a placeholder")
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids with `<|VRT_k|>` -> ``V + k`` (no special tokens added)."""
-        ids: list[int] = []
-        last = 0
-        for m in VRT_TOKEN_PATTERN.finditer(text):
-            if m.start() > last:
-                ids += self.tokenizer.encode(text[last:m.start()], add_special_tokens=False)
-            ids.append(self.vrt_base_id + int(m.group(1)))
-            last = m.end()
-        if last < len(text):
-            ids += self.tokenizer.encode(text[last:], add_special_tokens=False)
-        return ids
+        """Text -> ids with `<|VRT_k|>` -> ``V + k`` (no special tokens added; one tokenizer call)."""
+        ks = [int(m.group(1)) for m in VRT_TOKEN_PATTERN.finditer(text)]
+        if not ks:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        placeholder, pid = self._placeholder()
+        if placeholder in text:
+            raise ValueError(f"text contains both VRT tokens and {placeholder}, which the VRT encoding uses as its "
+                             "placeholder; remove the literal placeholder from the text")
+        ids = self.tokenizer.encode(VRT_TOKEN_PATTERN.sub(placeholder, text), add_special_tokens=False)
+        it = iter(ks)
+        return [self.vrt_base_id + next(it) if t == pid else t for t in ids]
 
     def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
         """One sequence -> text; ids ``>= V`` become `<|VRT_k|>` (kept even with ``skip_special_tokens``)."""
@@ -330,6 +343,15 @@ class _VRTTextMixin:
     def pid2vrt(self, patch_ids) -> str:
         """Cell indices -> concatenated `<|VRT_i|>` string."""
         return pid2vrt(patch_ids)
+
+    def apply_chat_template(self, conversation, **kwargs):
+        """The wrapped processor's chat template. With ``tokenize=True`` a conversation holding `<|VRT_k|>` text
+        raises `ValueError` (the raw processor would split it into bytes): render with ``tokenize=False`` and call
+        this wrapper on the text instead."""
+        if kwargs.get("tokenize", False) and VRT_TOKEN_PATTERN.search(json.dumps(conversation, default=str)):
+            raise ValueError("the conversation contains <|VRT_k|> text: use apply_chat_template(..., tokenize=False) "
+                             "and pass the text to this processor, which maps VRT strings to ids")
+        return self._processor.apply_chat_template(conversation, **kwargs)
 
     def _call_processor(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
         """The wrapped processor's ``__call__`` with `<|VRT_k|>` in ``text`` mapped to ``V + k``."""
@@ -500,9 +522,6 @@ class PaDTProcessor(_VRTTextMixin):
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": prompt}]
         return [{"role": "user", "content": content}]
 
-    def apply_chat_template(self, messages, **kwargs):
-        return self._processor.apply_chat_template(messages, **kwargs)
-
     def __call__(
         self,
         images=None,
@@ -543,7 +562,7 @@ class PaDTProcessor(_VRTTextMixin):
         out = self._call_processor(images=flat or None, text=texts, return_tensors=return_tensors, **kwargs)
         sample_idx = image_sample_idx_from_counts([len(r) for r in rows])
         if global_vrt_ids:
-            grid = out["image_grid_thw"] if "image_grid_thw" in out else None
+            grid = out.get("image_grid_thw")
             out["input_ids"] = self.codec.to_global(torch.as_tensor(out["input_ids"]), grid, sample_idx)
         if return_image_sample_idx:
             out["image_sample_idx"] = sample_idx

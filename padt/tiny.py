@@ -13,7 +13,7 @@ import functools
 import json
 import random
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Qwen2Tokenizer
 
 # Qwen2.5 added tokens in id order (151643..151664 in the real vocabulary) and whether each is "special".
@@ -129,39 +129,41 @@ def build_tiny_tokenizer(vocab_size: int = 1000, seed: int = 0) -> Qwen2Tokenize
         merges=merges,
         unk_token=None,
         bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=None,  # set after the added tokens so that ids follow Qwen's order
+        pad_token=None,
         errors="replace",
     )
-    from tokenizers import AddedToken
-
     specials = [AddedToken(t, special=True, normalized=False) for t, s in QWEN_ADDED_TOKENS if s]
     others = [AddedToken(t, special=False, normalized=False) for t, s in QWEN_ADDED_TOKENS if not s]
     tok.add_special_tokens({"additional_special_tokens": specials})
     tok.add_tokens(others)
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|endoftext|>"
     tok.chat_template = QWEN_VL_CHAT_TEMPLATE
     return tok
 
 
 def build_tiny_processor(
     tokenizer: Qwen2Tokenizer | None = None,
-    min_pixels: int = 4 * 28 * 28,
-    max_pixels: int = 256 * 28 * 28,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
     patch_size: int = 14,
     spatial_merge_size: int = 2,
     temporal_patch_size: int = 2,
 ):
     """Qwen2.5-VL processor around ``tokenizer`` (default: `build_tiny_tokenizer()`).
 
-    Uses `padt.processing.build_qwen_processor`: the real `Qwen2_5_VLProcessor` with a video processor when
-    torchvision is installed, else the image-only subclass with the PIL image processor backend.
+    Pixel limits default to 4 and 256 cells of ``(patch_size * spatial_merge_size)**2`` pixels (small images for
+    CPU tests). Uses `padt.processing.build_qwen_processor`: the real `Qwen2_5_VLProcessor` with a video processor
+    when torchvision is installed, else the image-only subclass with the PIL image processor backend.
     """
     from padt.processing import build_qwen_processor
 
+    cell_pixels = (patch_size * spatial_merge_size) ** 2
     return build_qwen_processor(
         tokenizer if tokenizer is not None else build_tiny_tokenizer(),
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
+        min_pixels=4 * cell_pixels if min_pixels is None else min_pixels,
+        max_pixels=256 * cell_pixels if max_pixels is None else max_pixels,
         patch_size=patch_size,
         spatial_merge_size=spatial_merge_size,
         temporal_patch_size=temporal_patch_size,

@@ -101,9 +101,21 @@ def sample_image(width: int = 224, height: int = 168):
     return img
 
 
-def build_tiny_checkpoint(out_dir: str, seed: int = 0) -> None:
-    """Save a tiny *untrained* PaDT model, its processor and `sample.png` to `out_dir` (the demo's placeholder default
-    until a trained tiny model is shipped)."""
+def build_tiny_checkpoint(
+    out_dir: str,
+    seed: int = 0,
+    *,
+    placeholder: bool = True,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    **config_kwargs: Any,
+) -> None:
+    """Save a tiny PaDT model (random weights), its processor and `sample.png` to `out_dir`.
+
+    `placeholder=True` gives the prototype norm weight 1 so that an untrained model can emit VRTs (the demo's
+    placeholder default); `False` keeps the authors' zero init (a training start). `config_kwargs` go to
+    `tiny_padt_config` (sizes); `min_pixels`/`max_pixels` to the image processor.
+    """
     import os
 
     import torch
@@ -112,20 +124,38 @@ def build_tiny_checkpoint(out_dir: str, seed: int = 0) -> None:
     from padt.tiny import build_tiny_processor, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
-    processor = build_tiny_processor(tok)
+    processor = build_tiny_processor(tok, min_pixels=min_pixels, max_pixels=max_pixels)
     torch.manual_seed(seed)
-    model = PaDTForConditionalGeneration(tiny_padt_config_for_tokenizer(tok))
-    with torch.no_grad():  # non-zero prototypes, so that the untrained model can emit VRTs at all
-        model.vis_norm.weight.fill_(1.0)
+    model = PaDTForConditionalGeneration(tiny_padt_config_for_tokenizer(tok, **config_kwargs))
+    if placeholder:
+        with torch.no_grad():
+            model.vis_norm.weight.fill_(1.0)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     sample_image().save(os.path.join(out_dir, "sample.png"))
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Write a tiny untrained PaDT checkpoint + processor + sample image.")
+    ap = argparse.ArgumentParser(description="Write a tiny random PaDT checkpoint + processor + sample image.")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
-    build_tiny_checkpoint(ap.parse_args().out, ap.parse_args().seed)
+    ap.add_argument("--training-start", action="store_true", help="authors' zero-init prototype norm (not a placeholder)")
+    ap.add_argument("--text-hidden-size", type=int, default=64)
+    ap.add_argument("--text-layers", type=int, default=2)
+    ap.add_argument("--vision-hidden-size", type=int, default=32)
+    ap.add_argument("--vision-depth", type=int, default=2)
+    ap.add_argument("--vision-heads", type=int, default=2)
+    ap.add_argument("--min-pixels", type=int, default=None)
+    ap.add_argument("--max-pixels", type=int, default=None)
+    a = ap.parse_args(argv)
+    build_tiny_checkpoint(
+        a.out, a.seed, placeholder=not a.training_start, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
+        text_hidden_size=a.text_hidden_size, text_layers=a.text_layers, vision_hidden_size=a.vision_hidden_size,
+        vision_depth=a.vision_depth, vision_heads=a.vision_heads,
+    )
+
+
+if __name__ == "__main__":
+    main()

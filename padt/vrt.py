@@ -47,18 +47,16 @@ def pid2vrt(patch_ids: int | Iterable[int] | torch.Tensor) -> str:
     return "".join(f"<|VRT_{int(k)}|>" for k in patch_ids)
 
 
-def _as_grid(image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None) -> torch.Tensor:
-    """(N, 3) int64 CPU tensor (N may be 0)."""
+def _grid_rows(image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None) -> list[list[int]]:
+    """Image grids as a list of ``[t, h, w]`` int lists (no image -> ``[]``)."""
     if image_grid_thw is None:
-        return torch.zeros(0, 3, dtype=torch.long)
-    grid = torch.as_tensor(image_grid_thw, dtype=torch.long).cpu()
-    if grid.numel() == 0:
-        return grid.reshape(0, 3)
-    if grid.dim() == 1 and grid.numel() == 3:
-        grid = grid[None]
-    if grid.dim() != 2 or grid.shape[1] != 3:
-        raise ValueError(f"image_grid_thw must have shape (num_images, 3), got {tuple(grid.shape)}")
-    return grid
+        return []
+    rows = image_grid_thw.tolist() if torch.is_tensor(image_grid_thw) else [list(r) for r in image_grid_thw]
+    if len(rows) == 3 and all(isinstance(x, int) for x in rows):
+        rows = [rows]
+    if any(len(r) != 3 for r in rows):
+        raise ValueError(f"image_grid_thw must have shape (num_images, 3), got {rows}")
+    return [[int(x) for x in r] for r in rows]
 
 
 class VRTCodec:
@@ -108,13 +106,19 @@ class VRTCodec:
             raise ValueError(f"image grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={m}")
         return t, h // m, w // m
 
+    def cells_per_image(self, image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None) -> list[int]:
+        """Cells (VRTs) per image, ``t*h*w // merge**2``, as plain ints; `ValueError` if h or w is not divisible."""
+        m = self.spatial_merge_size
+        out = []
+        for t, h, w in _grid_rows(image_grid_thw):
+            if h % m or w % m:
+                raise ValueError(f"image grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={m}")
+            out.append(t * h * w // (m * m))
+        return out
+
     def num_cells(self, image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None) -> torch.Tensor:
         """Cells (VRTs) per image, ``t*h*w // merge**2``: `(N,)` int64."""
-        grid = _as_grid(image_grid_thw)
-        m = self.spatial_merge_size
-        if bool(((grid[:, 1] % m) != 0).any() or ((grid[:, 2] % m) != 0).any()):
-            raise ValueError(f"image_grid_thw {grid.tolist()} has h or w not divisible by spatial_merge_size={m}")
-        return grid.prod(dim=1) // (m * m)
+        return torch.tensor(self.cells_per_image(image_grid_thw), dtype=torch.long)
 
     def offsets(self, image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None) -> torch.Tensor:
         """Exclusive cumulative cell counts: `(N,)`, ``off_i`` = cells of all images before image ``i``."""
@@ -146,7 +150,7 @@ class VRTCodec:
         image_sample_idx: torch.Tensor | Sequence[int] | None = None,
     ) -> list[list[int]]:
         """Images of each batch row, in image order. Default: image ``i`` belongs to row ``i``."""
-        num_images = _as_grid(image_grid_thw).shape[0]
+        num_images = len(_grid_rows(image_grid_thw))
         if image_sample_idx is None:
             if num_images != batch_size:
                 raise ValueError(
@@ -154,7 +158,10 @@ class VRTCodec:
                     "image_sample_idx (num_images,) to say which row each image belongs to"
                 )
             return [[i] for i in range(batch_size)]
-        idx = torch.as_tensor(image_sample_idx, dtype=torch.long).reshape(-1).tolist()
+        if torch.is_tensor(image_sample_idx):
+            idx = [int(x) for x in image_sample_idx.reshape(-1).tolist()]
+        else:
+            idx = [int(x) for x in image_sample_idx]
         if len(idx) != num_images:
             raise ValueError(f"image_sample_idx has {len(idx)} entries but image_grid_thw has {num_images} images")
         rows: list[list[int]] = [[] for _ in range(batch_size)]
@@ -240,7 +247,7 @@ class VRTCodec:
         image_sample_idx: torch.Tensor | Sequence[int] | None = None,
     ) -> list[list[tuple[int, int]]]:
         """Per row, ``(global_start, num_cells)`` of each of its images in order (plain ints, cheap)."""
-        n = self.num_cells(image_grid_thw).tolist()
+        n = self.cells_per_image(image_grid_thw)
         off = [0] * len(n)
         for i in range(1, len(n)):
             off[i] = off[i - 1] + n[i - 1]
