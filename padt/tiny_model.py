@@ -147,13 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vision-hidden-size", type=int, default=32)
     ap.add_argument("--vision-depth", type=int, default=2)
     ap.add_argument("--vision-heads", type=int, default=2)
+    ap.add_argument("--window-size", type=int, default=56, help="ViT attention window in px")
     ap.add_argument("--min-pixels", type=int, default=None)
     ap.add_argument("--max-pixels", type=int, default=None)
     a = ap.parse_args(argv)
     build_tiny_checkpoint(
         a.out, a.seed, placeholder=not a.training_start, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
         text_hidden_size=a.text_hidden_size, text_layers=a.text_layers, vision_hidden_size=a.vision_hidden_size,
-        vision_depth=a.vision_depth, vision_heads=a.vision_heads,
+        vision_depth=a.vision_depth, vision_heads=a.vision_heads, window_size=a.window_size,
     )
 
 

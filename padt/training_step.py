@@ -29,10 +29,12 @@ def unwrap_padt_model(model: nn.Module) -> nn.Module:
     """The `PaDTForConditionalGeneration` inside DDP / DeepSpeed wrappers (`.module`); PEFT models forward attribute
     access themselves. Raises `TypeError` when no object with `vl_decode` is found."""
     m = model
-    while not hasattr(m, "vl_decode"):
-        if not hasattr(m, "module"):
-            raise TypeError(f"{type(model).__name__} is not a PaDT model (no vl_decode), nor a wrapper of one")
+    # unwrap `.module` first: a DeepSpeed engine forwards unknown attributes (so it "has" vl_decode) but its own
+    # `.config` is DeepSpeed's dict
+    while isinstance(getattr(m, "module", None), nn.Module):
         m = m.module
+    if not hasattr(m, "vl_decode"):
+        raise TypeError(f"{type(model).__name__} is not a PaDT model (no vl_decode), nor a wrapper of one")
     return m
 
 

@@ -1,0 +1,174 @@
+"""The launch layer: run scripts (syntax, usage, the command they build), configs, the entry point's --help, and the
+tiny CPU recipe with 2 processes where one rank's batch has no object (under a timeout: no hang)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SCRIPTS = ROOT / "run_scripts"
+RECIPES = [f"padt_{task}_{size}_sft.sh" for task in ("ovd", "rec", "ric", "pro") for size in ("3b", "7b")]
+RECIPE_OPTIONS = ("--model", "--output_dir", "--data_files", "--image_folders", "--coco_root", "--data_config",
+                  "--deepspeed", "--report_to", "--attn_implementation", "--dry_run", "NNODES", "NODE_RANK",
+                  "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE")
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def test_every_run_script_parses_with_bash_n():
+    scripts = sorted(RUN_SCRIPTS.glob("*.sh"))
+    assert {s.name for s in scripts} >= set(RECIPES) | {"padt_tiny_cpu_sft.sh", "_common.sh"}
+    for script in scripts:
+        proc = run(["bash", "-n", str(script)])
+        assert proc.returncode == 0, (script.name, proc.stderr)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_help_names_its_arguments(name):
+    proc = run(["bash", str(RUN_SCRIPTS / name), "--help"])
+    assert proc.returncode == 0, proc.stderr
+    for option in RECIPE_OPTIONS:
+        assert option in proc.stdout, f"{name} --help does not mention {option}"
+
+
+def _dry_run(name: str, *args: str, env: dict | None = None) -> list[str]:
+    proc = run(["bash", str(RUN_SCRIPTS / name), "--dry_run", *args], env=env)
+    assert proc.returncode == 0, proc.stderr
+    return shlex.split(proc.stdout)
+
+
+def _train_flags(argv: list[str]) -> list[str]:
+    return argv[argv.index("padt.train") + 1:]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_builds_the_authors_hyperparameters(name):
+    from padt.train_args import parse_train_args
+
+    argv = _dry_run(name, "--coco_root", "/data/coco", env={"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.1.2.3",
+                                                            "MASTER_PORT": "23456", "NPROC_PER_NODE": "4"})
+    launcher = " ".join(argv[: argv.index("padt.train")])
+    for flag in ("--nnodes 2", "--node_rank 1", "--master_addr 10.1.2.3", "--master_port 23456", "--nproc_per_node 4"):
+        assert flag in launcher
+    # parse exactly what padt.train would get (use_cpu only so that bf16 parses on a CPU machine)
+    script, args = parse_train_args(_train_flags(argv) + ["--use_cpu", "true"])
+    size = name.split("_")[2]
+    assert args.num_train_epochs == (4 if size == "3b" else 6)
+    assert (args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2e-5, 16, 1)
+    assert args.bf16 and args.activation_checkpointing and (args.seed, args.data_seed) == (42, 42)
+    assert (args.save_steps, args.logging_steps) == (100, 1) and args.report_to in ([], ["none"], "none")
+    assert args.deepspeed.endswith("configs/deepspeed/zero3.json") and args.attn_implementation == "sdpa"
+    assert script.model_name_or_path == f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct"
+    files, folders = script.data_file_paths.split(":"), script.image_folders.split(":")
+    assert len(files) == len(folders) and all(f.startswith("/data/coco/") for f in folders)
+    expected = {"ovd": ["PaDT-MLLM/COCO/instances_train2017.json"],
+                "rec": [f"PaDT-MLLM/RefCOCO/{d}_train.json" for d in ("refcoco", "refcoco+", "refcocog")],
+                "ric": ["PaDT-MLLM/ReferringImageCaptioning/ric_instances_train2017.json"]}
+    expected["pro"] = (expected["ric"] + expected["ovd"] * 2 + expected["rec"])  # COCO twice
+    assert files == expected[name.split("_")[1]]
+
+
+def test_recipe_paths_from_environment_and_passthrough_flags():
+    argv = _dry_run("padt_rec_7b_sft.sh", "--", "--use_lora", "true",
+                    env={"DATA_CONFIG": "configs/data/rec.yaml", "OUTPUT_DIR": "/out/x", "REPORT_TO": "tensorboard",
+                         "MODEL_NAME_OR_PATH": "/models/qwen7b"})
+    flags = _train_flags(argv)
+    assert flags[flags.index("--data_config") + 1] == "configs/data/rec.yaml" and "--data_file_paths" not in flags
+    assert flags[flags.index("--output_dir") + 1] == "/out/x"
+    assert flags[flags.index("--report_to") + 1] == "tensorboard"
+    assert flags[flags.index("--model_name_or_path") + 1] == "/models/qwen7b"
+    assert flags[-2:] == ["--use_lora", "true"]
+
+
+def test_tiny_script_usage():
+    proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_cpu_sft.sh"), "--help"])
+    assert proc.returncode == 0 and "OUTPUT_DIR" in proc.stdout and "NPROC_PER_NODE" in proc.stdout
+    proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_cpu_sft.sh")])
+    assert proc.returncode == 2 and "Usage" in proc.stdout
+
+
+def test_entry_point_help_names_the_padt_arguments():
+    proc = run([sys.executable, "-m", "padt.train", "--help"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for arg in ("--model_name_or_path", "--data_file_paths", "--image_folders", "--data_config", "--num_vrt",
+                "--robust_ce", "--use_mask_loss", "--warmup_prototype_steps", "--use_lora", "--freeze_vision",
+                "--use_visual_prototype_projection", "--attn_implementation", "--min_pixels", "--max_pixels"):
+        assert arg in proc.stdout, arg
+
+
+# ============================================================================ configs
+def test_deepspeed_configs():
+    z2 = json.loads((ROOT / "configs/deepspeed/zero2.json").read_text())
+    z3 = json.loads((ROOT / "configs/deepspeed/zero3.json").read_text())
+    assert z2["zero_optimization"]["stage"] == 2 and z3["zero_optimization"]["stage"] == 3
+    zo = z3["zero_optimization"]
+    assert zo["overlap_comm"] and zo["contiguous_gradients"] and zo["stage3_gather_16bit_weights_on_model_save"]
+    assert zo["offload_optimizer"]["device"] == zo["offload_param"]["device"] == "none"
+    assert zo["sub_group_size"] == zo["stage3_max_live_parameters"] == zo["stage3_max_reuse_distance"] == 1e9
+    for cfg in (z2, z3):
+        assert cfg["bf16"]["enabled"] == cfg["gradient_clipping"] == cfg["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def test_accelerate_configs():
+    import yaml
+
+    for stage in (2, 3):
+        cfg = yaml.safe_load((ROOT / f"configs/accelerate/deepspeed_zero{stage}.yaml").read_text())
+        assert cfg["distributed_type"] == "DEEPSPEED" and cfg["deepspeed_config"]["zero_stage"] == stage
+        assert cfg["num_processes"] == 8 and cfg["mixed_precision"] == "bf16"
+
+
+def test_data_mixtures_load():
+    from padt.data import load_sources_yaml
+
+    mixes = {name: load_sources_yaml(ROOT / f"configs/data/{name}.yaml") for name in ("ovd", "rec", "ric", "pro")}
+    pro = {s.name: s for s in mixes["pro"]}
+    assert pro["coco_train2017"].repeat == 2 and len(pro) == 5
+    assert [s.path for s in mixes["ovd"]] == ["PaDT-MLLM/COCO/instances_train2017.json"]
+    assert all(s.image_folder for mix in mixes.values() for s in mix)
+
+
+@pytest.mark.parametrize("name", ["sft_3b", "sft_7b", "tiny_cpu"])
+def test_train_configs_parse(name, tmp_path):
+    from padt.train_args import parse_train_args
+
+    script, args = parse_train_args(["--config", str(ROOT / f"configs/train/{name}.yaml"), "--use_cpu", "true",
+                                     "--output_dir", str(tmp_path)])
+    if name.startswith("sft"):
+        assert args.num_train_epochs == (4 if name == "sft_3b" else 6) and args.learning_rate == 2e-5
+        assert script.model_name_or_path.endswith("Instruct")
+    else:
+        assert args.max_steps > 0 and not args.bf16
+
+
+# ============================================================================ the tiny CPU recipe, 2 processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tiny_cpu_script_two_processes_with_an_empty_rank(tmp_path):
+    """`NPROC_PER_NODE=2 bash run_scripts/padt_tiny_cpu_sft.sh DIR`: completes (timeout = no hang), and at some step
+    exactly one of the two ranks had a batch without any object."""
+    env = {"NPROC_PER_NODE": "2", "PYTHON": sys.executable, "MASTER_PORT": str(_free_port())}
+    proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_cpu_sft.sh"), str(tmp_path)], env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    steps = [e for e in state["log_history"] if "loss_ce" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(math.isfinite(e["loss"]) and math.isfinite(e["loss_giou"]) for e in steps)
+    assert any(e["batches_without_objects"] == 0.5 for e in steps), [e["batches_without_objects"] for e in steps]
+    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "checkpoint-4").is_dir()
