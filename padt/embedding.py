@@ -41,19 +41,25 @@ def build_vis_proj(hidden_size: int, rank: int) -> nn.Sequential:
 
 
 def embed_with_prototypes(
-    input_ids: torch.Tensor, embed_tokens: nn.Embedding, prototypes: torch.Tensor | None, vrt_base_id: int
+    input_ids: torch.Tensor,
+    embed_tokens: nn.Embedding,
+    prototypes: torch.Tensor | None,
+    vrt_base_id: int,
+    is_vrt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Embed ids through the extended table `[embed_tokens; P]` without building it.
 
     Args:
         input_ids (`torch.LongTensor` of shape `(B, L)`): text ids `< V` and global VRT ids `V + j`.
-        prototypes (`torch.Tensor` of shape `(N_cells, H)`, *optional*): rows for ids >= V.
+        prototypes (`torch.Tensor` of shape `(N_cells, H)`, *optional*): rows for ids >= V; None when the ids hold
+            no VRT (the plain embedding lookup).
+        is_vrt (`torch.BoolTensor` of shape `(B, L)`, *optional*): `input_ids >= V` when the caller has it.
     Returns:
         `torch.Tensor` of shape `(B, L, H)`.
     """
-    is_vrt = input_ids >= vrt_base_id
-    if prototypes is None or not bool(is_vrt.any()):
+    if prototypes is None:
         return embed_tokens(input_ids)
+    is_vrt = input_ids >= vrt_base_id if is_vrt is None else is_vrt
     embeds = embed_tokens(input_ids.masked_fill(is_vrt, 0))
     where = is_vrt.nonzero(as_tuple=True)
     rows = prototypes[input_ids[where] - vrt_base_id].to(embeds.dtype)

@@ -58,6 +58,13 @@ class VRTImageState:
             self._cache[key] = self._allowed_cells(batch_size)
         return self._cache[key]
 
+    def all_cells_allowed(self, batch_size: int) -> bool:
+        """True when every row may use every prototype (one sample, or all rows share the images): no masking needed."""
+        key = ("all", batch_size)
+        if key not in self._cache:
+            self._cache[key] = bool(self.allowed_cells(batch_size).all())
+        return self._cache[key]
+
     def _allowed_cells(self, batch_size: int) -> torch.Tensor:
         if batch_size % self.batch_size != 0:
             raise ValueError(

@@ -173,12 +173,9 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             batch_size=batch_size,
         )
 
-    def _check_vrt_ids(self, input_ids: torch.Tensor, state: VRTImageState | None) -> None:
-        """`ValueError` for a VRT id that is not a prototype of its own row's images."""
+    def _check_vrt_ids(self, input_ids: torch.Tensor, is_vrt: torch.Tensor, state: VRTImageState | None) -> None:
+        """`ValueError` for a VRT id (`is_vrt` marks them) that is not a prototype of its own row's images."""
         V = self.config.vrt_base_id
-        is_vrt = input_ids >= V
-        if not bool(is_vrt.any()):
-            return
         rows, cols = is_vrt.nonzero(as_tuple=True)
         cell = input_ids[rows, cols] - V
         n = 0 if state is None else state.num_cells
@@ -263,9 +260,16 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            self._check_vrt_ids(input_ids, state)
-            inputs_embeds = embed_with_prototypes(input_ids, embed, None if state is None else state.prototypes, V)
-            n_image_tokens = int((input_ids == cfg.image_token_id).sum())
+            is_vrt = input_ids >= V
+            has_vrt = bool(is_vrt.any())
+            if has_vrt:
+                self._check_vrt_ids(input_ids, is_vrt, state)
+            inputs_embeds = embed_with_prototypes(
+                input_ids, embed, state.prototypes if has_vrt else None, V, is_vrt=is_vrt
+            )
+            # image tokens come with the prompt; decode steps that reuse an image state skip the count
+            decoding = state is not None and past_key_values is not None and past_key_values.get_seq_length() > 0
+            n_image_tokens = 0 if decoding else int((input_ids == cfg.image_token_id).sum())
             if n_image_tokens:
                 if state is None or state.image_embeds is None:
                     raise ValueError(
@@ -305,7 +309,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             state.step_hidden_states.append(hidden[:, -1])
 
         batch = hidden.shape[0]
-        allowed = None if state is None else state.allowed_cells(batch)
+        allowed = None if state is None or state.all_cells_allowed(batch) else state.allowed_cells(batch)
         blocked = slice(cfg.num_tokenizer_tokens, V) if cfg.mask_unused_token_rows else None
         logits = extended_logits(
             slice_logits_to_keep(hidden, logits_to_keep),
