@@ -435,10 +435,12 @@ def main(argv: list[str] | None = None) -> None:
     report["meta"]["wall_s"] = time.perf_counter() - wall
     print()
     print_table(report)
-    used = rounds.n_accepted if clean else len(rounds.accepted)
-    mean_foreign = f"{sum(known) / len(known):.2f}" if known else "unknown"
-    print(f"\ntimed ratios over {used} interleaved rounds; other processes kept {mean_foreign} of {os.cpu_count()} cores "
-          f"busy on average while timing; wall time {report['meta']['wall_s']:.0f} s")
+    used = [c for c, ok in zip(rounds.foreign_cores, rounds.accepted) if c is not None and (ok or not clean)]
+    mean_used = f"{sum(used) / len(used):.2f}" if used else "unknown"
+    mean_all = f"{sum(known) / len(known):.2f}" if known else "unknown"
+    print(f"\ntimed ratios over {rounds.n_accepted if clean else len(rounds.accepted)} interleaved rounds; other "
+          f"processes kept {mean_used} of {os.cpu_count()} cores busy on average in those ({mean_all} over all "
+          f"{len(rounds.accepted)} rounds); wall time {report['meta']['wall_s']:.0f} s")
     if not clean:
         print("WARNING: the machine was busy: timed ratios come from rounds with competing processes and are noise "
               "(the profiled and RSS figures are not affected); rerun on an idle machine")

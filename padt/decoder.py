@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from padt.decoder_attention import (
     ATTENTION_BACKENDS,
@@ -54,6 +55,81 @@ FEATURE_ORDERS = ("window", "merge_block")
 RotaryPE = tuple[torch.Tensor, torch.Tensor]
 
 
+class _RMSNormFP32(torch.autograd.Function):
+    """``weight * (x * rsqrt(mean(x^2) + eps))`` for fp32 ``x`` with a hand-written backward.
+
+    The forward is the same arithmetic as the module's generic path; the backward saves only ``x_hat`` and the (..., 1)
+    inverse rms and makes four passes over ``(..., D)`` instead of the ten or so of autograd's pow/mean/rsqrt/mul chain.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return weight * x_hat
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x_hat, rstd, weight = ctx.saved_tensors
+        d = x_hat.shape[-1]
+        p = grad * x_hat  # dL/dweight per row
+        grad_w = p.reshape(-1, d).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # dL/dx = rstd * (g - x_hat * mean(g * x_hat)) with g = grad * weight; mean(g * x_hat) = (p @ weight) / D
+            dot = torch.matmul(p, weight).unsqueeze(-1).div_(d)  # (..., 1)
+            grad_x = torch.mul(grad, weight).mul_(rstd).addcmul_(x_hat, dot.mul_(rstd), value=-1)
+        return grad_x, grad_w, None
+
+
+def _is_sharded(*params: torch.Tensor) -> bool:
+    """True for DeepSpeed ZeRO-3 parameters: they are gathered only when their own module runs, so the fused paths
+    below, which read other modules' weights directly, must not be used."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+class _RMSNormPairFP32(torch.autograd.Function):
+    """Two RMSNorms (weights `weight_a`, `weight_b`, same eps) of one fp32 ``x``: the normalisation is shared."""
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, eps: float):
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, rstd, weight_a, weight_b)
+        return weight_a * x_hat, weight_b * x_hat
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_a, grad_b):
+        x_hat, rstd, weight_a, weight_b = ctx.saved_tensors
+        d = x_hat.shape[-1]
+        p_a, p_b = grad_a * x_hat, grad_b * x_hat
+        grad_wa = p_a.reshape(-1, d).sum(0) if ctx.needs_input_grad[1] else None
+        grad_wb = p_b.reshape(-1, d).sum(0) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # g = grad_a * w_a + grad_b * w_b; dL/dx = rstd * (g - x_hat * mean(g * x_hat))
+            dot = (torch.matmul(p_a, weight_a) + torch.matmul(p_b, weight_b)).unsqueeze(-1).div_(d)
+            grad_x = torch.mul(grad_a, weight_a).addcmul_(grad_b, weight_b).mul_(rstd)
+            grad_x.addcmul_(x_hat, dot.mul_(rstd), value=-1)
+        return grad_x, grad_wa, grad_wb, None
+
+
+def _rms_norm_pair(x: torch.Tensor, norm_a: RMSNorm, norm_b: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm_a(x), norm_b(x))``, normalising ``x`` once when both are fp32 with the same eps."""
+    if (
+        x.dtype == torch.float32
+        and norm_a.weight.dtype == torch.float32
+        and norm_b.weight.dtype == torch.float32
+        and norm_a.eps == norm_b.eps
+        and not _is_sharded(norm_a.weight, norm_b.weight)
+    ):
+        return _RMSNormPairFP32.apply(x, norm_a.weight, norm_b.weight, norm_a.eps)
+    return norm_a(x), norm_b(x)
+
+
 class RMSNorm(nn.Module):
     """Qwen2-style RMSNorm: ``weight * (x / rms(x))``, normalised in fp32 then cast back before the weight."""
 
@@ -63,6 +139,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return _RMSNormFP32.apply(x, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -102,7 +180,27 @@ class VarlenAttention(nn.Module):
         k_rope: RotaryPE | None = None,
         implementation: str = "sdpa",
     ) -> torch.Tensor:
-        """q_in (Tq, D); k_in, v_in (Tk, D); rotary tables (T, head_dim). Returns (Tq, D)."""
+        """q_in (Tq, D); k_in, v_in (Tk, D); rotary tables (T, head_dim). Returns (Tq, D).
+
+        With fp32 inputs, the sdpa/eager backends and equal segment lengths on both sides, the two lopsided cases of
+        the decoder (few queries over a long memory, a long memory over few queries) are computed in a cheaper but
+        mathematically identical order (see `_attend_few_keys` / `_attend_few_queries`); results agree with the
+        plain path to fp32 rounding.
+        """
+        lq, lk = layout_q.max_len, layout_k.max_len
+        span = self.num_heads * min(lq, lk)
+        if (
+            implementation in ("sdpa", "eager")
+            and q_in.dtype == torch.float32
+            and layout_q.is_uniform
+            and layout_k.is_uniform
+            and span <= q_in.shape[-1]
+            and max(lq, lk) > span
+            and not _is_sharded(self.proj.weight, self.v_proj.weight)
+        ):
+            if lk < lq:
+                return self._attend_few_keys(q_in, k_in, v_in, layout_q.num_segments, q_rope, k_rope)
+            return self._attend_few_queries(q_in, k_in, v_in, layout_q.num_segments, q_rope, k_rope)
         q = self._heads(self.q_proj(q_in))
         k = self._heads(self.k_proj(k_in))
         v = self._heads(self.v_proj(v_in))
@@ -112,6 +210,55 @@ class VarlenAttention(nn.Module):
             k = apply_rotary(k, *k_rope)
         out = varlen_attention(q, k, v, layout_q, layout_k, implementation)
         return self.proj(out.reshape(out.shape[0], -1))
+
+    def _project(self, x: torch.Tensor, linear: nn.Linear, rope: RotaryPE | None) -> torch.Tensor:
+        x = self._heads(linear(x))
+        return apply_rotary(x, *rope) if rope is not None else x
+
+    def _attend_few_keys(self, q_in, k_in, v_in, num_segments: int, q_rope, k_rope) -> torch.Tensor:
+        """Uniform segments, Lk * heads <= D < Lq (the image->query attention of the memory stream).
+
+        ``proj(softmax(q k^T) v)`` computed as ``softmax(q @ K_blk) @ V_proj + b``: ``K_blk`` (B, D, h*Lk) is the
+        block-diagonal (per head) key matrix, so all heads' scores come from one product of the packed queries, and
+        ``V_proj`` (B, h*Lk, D) pushes every head's values through its slice of the output projection first. This
+        avoids the (Tq, D) x (D, D) output projection and the per-head layout copies.
+        """
+        h, d, b = self.num_heads, self.head_dim, num_segments
+        q = self._project(q_in, self.q_proj, q_rope)  # Tq x h x d
+        k = self._project(k_in, self.k_proj, k_rope)  # Tk x h x d
+        v = self._heads(self.v_proj(v_in))
+        lq, lk = q.shape[0] // b, k.shape[0] // b
+        eye = torch.eye(h, dtype=q.dtype, device=q.device)
+        k_blk = torch.einsum("bkhd,hg->bhdgk", k.view(b, lk, h, d) * (d**-0.5), eye).reshape(b, h * d, h * lk)
+        # scores transposed, B x (h Lk) x Lq: the softmax then runs over a strided dim of size Lk with Lq contiguous,
+        # which is far faster on CPU than a softmax over a tiny last dim
+        scores_t = torch.bmm(q.reshape(b, lq, h * d), k_blk).transpose(1, 2).contiguous()
+        probs_t = torch.softmax(scores_t.view(b, h, lk, lq), dim=2).view(b, h * lk, lq)
+        w = self.proj.weight.view(-1, h, d)  # D_out x h x d
+        v_proj = torch.einsum("bkhd,ohd->bhko", v.view(b, lk, h, d), w).reshape(b, h * lk, -1)  # B x (h Lk) x D
+        out = torch.baddbmm(self.proj.bias, probs_t.transpose(1, 2), v_proj)  # B x Lq x D
+        return out.reshape(b * lq, -1)
+
+    def _attend_few_queries(self, q_in, k_in, v_in, num_segments: int, q_rope, k_rope) -> torch.Tensor:
+        """Uniform segments, Lq * heads <= D < Lk (the query->image attention over the memory stream).
+
+        ``softmax(q k^T) (v_in W_v^T + b_v)`` computed as ``(softmax(q k^T) v_in) W_v^T + b_v`` (softmax rows sum
+        to 1): the long key side is mixed first (B, h*Lq, D) and the value projection runs on h*Lq rows per object
+        instead of Lk. Scores of all heads come from one product with a block-diagonal (per head) query matrix.
+        """
+        h, d, b = self.num_heads, self.head_dim, num_segments
+        q = self._project(q_in, self.q_proj, q_rope)  # Tq x h x d
+        k = self._project(k_in, self.k_proj, k_rope)  # Tk x h x d
+        lq, lk = q.shape[0] // b, k.shape[0] // b
+        eye = torch.eye(h, dtype=q.dtype, device=q.device)
+        q_blk = torch.einsum("blhd,hg->bhlgd", q.view(b, lq, h, d) * (d**-0.5), eye).reshape(b, h * lq, h * d)
+        # scores transposed, B x Lk x (h Lq), so that the gradient of k comes out in k's own layout
+        scores_t = torch.bmm(k.reshape(b, lk, h * d), q_blk.transpose(1, 2))
+        probs_t = torch.softmax(scores_t, dim=1)
+        mixed = torch.bmm(probs_t.transpose(1, 2), v_in.reshape(b, lk, -1)).view(b, h, lq, -1)  # B x h x Lq x D_in
+        w = self.v_proj.weight.view(h, d, -1)  # h x d x D_in
+        out = torch.einsum("bhlc,hdc->blhd", mixed, w).reshape(b * lq, h * d) + self.v_proj.bias
+        return self.proj(out)
 
 
 class TwoWayBlock(nn.Module):
@@ -153,15 +300,14 @@ class TwoWayBlock(nn.Module):
             x + query_pe, x + query_pe, x, layout_q, layout_q, implementation=implementation
         )
         x = self.norm2(queries)
-        mem = self.norm3(memory)
+        mem, mem_i2q = _rms_norm_pair(memory, self.norm3, self.norm6)  # memory is unchanged until the block's end
         queries = queries + self.cross_attn_query_to_image(
             x + query_pe, mem, mem, layout_q, layout_m, k_rope=memory_pe, implementation=implementation
         )
         queries = queries + self.mlp(self.norm4(queries))
         x = self.norm5(queries)
-        mem = self.norm6(memory)
         memory = memory + self.cross_attn_image_to_query(
-            mem, x + query_pe, x, layout_m, layout_q, q_rope=memory_pe, implementation=implementation
+            mem_i2q, x + query_pe, x, layout_m, layout_q, q_rope=memory_pe, implementation=implementation
         )
         return queries, memory
 
@@ -371,7 +517,8 @@ class PaDTDecoder(nn.Module):
 
         # ---- stage 2: high-res memory = norm(each low-res row repeated merge^2 times + ViT states)
         high_pe = (cos[high_index], sin[high_index])
-        memory = self.high_res_norm(low_mem.repeat_interleave(m2, dim=0) + high_res_embeds.to(dtype)[high_index])
+        high = high_res_embeds.to(dtype)[high_index].view(-1, m2, self.hidden_size)  # Tm_lo x merge^2 x D
+        memory = self.high_res_norm((low_mem[:, None, :] + high).view(-1, self.hidden_size))  # broadcast, no repeat
         for block in (self.high_res_transformer1, self.high_res_transformer2):
             queries, memory = block(queries, query_pe, memory, high_pe, layout_q, layout_hi, impl)
 
@@ -392,10 +539,14 @@ class PaDTDecoder(nn.Module):
         s = self.mask_upscale
         t_rows = memory.shape[0]
         x = self.mask_output_upscaling1(memory).view(t_rows, k, k, -1)  # Tm x a x b x D/4
-        x = self.mask_output_upscaling2(x).view(t_rows, k, k, k, k, -1)  # Tm x a x b x c1 x c2 x C
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(t_rows, s, s, -1)  # Tm x (a c1) x (b c2) x C
+        x = self.mask_output_upscaling2(x)  # Tm x a x b x (c1 c2 C)
         seg = layout.segment_ids
-        logits = (x * obj_vec[seg][:, None, None, :]).sum(-1)  # Tm x s x s
+        if layout.is_uniform:  # one (L*s*s, C) @ (C,) product per object, no (Tm, s, s, C) temporary
+            logits = torch.bmm(x.reshape(layout.num_segments, -1, obj_vec.shape[-1]), obj_vec[:, :, None])
+        else:
+            logits = (x.reshape(t_rows, s * s, -1) * obj_vec[seg][:, None, :]).sum(-1)
+        # (a, b, c1, c2) -> (a c1) x (b c2)
+        logits = logits.reshape(t_rows, k, k, k, k).permute(0, 1, 3, 2, 4).reshape(t_rows, s, s)  # Tm x s x s
 
         h_max, w_max = int(obj_grid[:, 1].max()), int(obj_grid[:, 2].max())  # host tensor, no device sync
         grid_w = obj_grid[:, 2].to(memory.device)[seg]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["ATTENTION_BACKENDS", "VarlenLayout", "apply_rotary", "get_attention_backend", "varlen_attention"]
 
@@ -97,6 +98,33 @@ class VarlenLayout:
         return flat.index_select(0, self.token_index)
 
 
+class _Rotary(torch.autograd.Function):
+    """``x * cos + rotate_half(x) * sin`` for fp32 ``x`` with a hand-written backward.
+
+    Same arithmetic as the plain expression (each half is ``x_a * c_a -/+ x_b * s_a``), but without the ``cat``/``neg``
+    temporaries and without saving ``x``: the backward is ``g * cos + rotate_half^T(g * sin)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1] // 2
+        out = torch.mul(x, cos)
+        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)  # x1*c1 + (-x2)*s1
+        out[..., h:].addcmul_(x[..., :h], sin[..., h:])  # x2*c2 + x1*s2
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        h = grad.shape[-1] // 2
+        gx = torch.mul(grad, cos)
+        gx[..., :h].addcmul_(grad[..., h:], sin[..., h:])  # d/dx1 of x1*s2 in the second half
+        gx[..., h:].addcmul_(grad[..., :h], sin[..., :h], value=-1)  # d/dx2 of -x2*s1 in the first half
+        return gx, None, None
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """GPT-NeoX (rotate-half) rotary embedding over the whole head, computed in fp32.
 
@@ -107,9 +135,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     Returns:
         `torch.Tensor` like `x`: ``x * cos + rotate_half(x) * sin``, cast back to x's dtype.
     """
-    xf = x.float()
     cos = cos.float()[:, None, :]  # T x 1 x head_dim, shared by all heads
     sin = sin.float()[:, None, :]
+    if x.dtype == torch.float32 and not (cos.requires_grad or sin.requires_grad):
+        return _Rotary.apply(x, cos, sin)
+    xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)

@@ -331,3 +331,27 @@ def test_vl_decode_rejects_bad_inputs(decoder, io):
         vl_decode(torch.nn.Linear(2, 2), feats, **img, spatial_merge_size=m)
     with pytest.raises(TypeError, match="list"):
         vl_decode(decoder, torch.zeros(2, 3, 128), **img, spatial_merge_size=m)
+
+
+def test_equal_length_fast_path_equals_padded_path(oracle_io_for_fast_path=None):
+    """Objects with equal query and memory lengths take fused attention paths; adding an object of another length
+    forces the padded varlen path. The shared objects must decode the same either way."""
+    import torch
+    from safetensors.torch import load_file
+
+    from padt.modeling import PaDTForConditionalGeneration
+
+    root = "tests/fixtures/oracle_ref"
+    io = load_file(f"{root}/io.safetensors")
+    model = PaDTForConditionalGeneration.from_pretrained(f"{root}/model", dtype=torch.float32).eval()
+    pe = (io["forward.visual_pe_cos"], io["forward.visual_pe_sin"])
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(n, 128, generator=gen) for n in (5, 5, 3))
+    args = (io["forward.past_image_embeds"], io["forward.past_high_res_image_embeds"], io["inputs.image_grid_thw"], pe)
+    with torch.no_grad():
+        fast = model.vl_decode([[a, b], []], *args)
+        padded = model.vl_decode([[a, b], [c]], *args)
+    torch.testing.assert_close(fast["pred_boxes"], padded["pred_boxes"][:2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast["pred_score"], padded["pred_score"][:2], atol=1e-5, rtol=1e-4)
+    h, w = fast["pred_mask"].shape[1:]
+    torch.testing.assert_close(fast["pred_mask"], padded["pred_mask"][:2, :h, :w], atol=1e-4, rtol=1e-4)
