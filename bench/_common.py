@@ -132,12 +132,12 @@ class ForeignLoad:
     core. `cores` is None where /proc is missing.
     """
 
-    def __enter__(self) -> ForeignLoad:
+    def __enter__(self) -> ForeignLoad:  # noqa: PYI034
         self.cores: float | None = None
         self._wall, self._busy, self._own = time.perf_counter(), _system_busy_seconds(), _own_cpu_seconds()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         busy = _system_busy_seconds()
         wall = time.perf_counter() - self._wall
         if busy is not None and self._busy is not None and wall > 0:
@@ -158,7 +158,9 @@ class Interleaved:
     def values(self, accepted_only: bool = True) -> dict[str, dict[str, list[float]]]:
         """The measurements of the accepted rounds (or of all rounds)."""
         keep = [a or not accepted_only for a in self.accepted]
-        return {v: {k: [x for x, ok in zip(xs, keep) if ok] for k, xs in d.items()} for v, d in self.values_all.items()}
+        return {
+            v: {k: [x for x, ok in zip(xs, keep) if ok] for k, xs in d.items()} for v, d in self.values_all.items()
+        }
 
     @property
     def n_accepted(self) -> int:
@@ -236,7 +238,9 @@ class AllocatorBytes:
     ops_after: int = 0
 
 
-def allocated_bytes(fn: Callable[[], Any], split_ns: Callable[[], int | None] | None = None) -> tuple[Any, AllocatorBytes]:
+def allocated_bytes(
+    fn: Callable[[], Any], split_ns: Callable[[], int | None] | None = None
+) -> tuple[Any, AllocatorBytes]:
     """Run `fn()` under `torch.profiler` (CPU, `profile_memory=True`) and add up the sizes of all allocations.
 
     Args:
