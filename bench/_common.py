@@ -357,3 +357,46 @@ def fmt_bytes(n: float) -> str:
 def fmt_seconds(s: float) -> str:
     """Seconds as ms with 2 decimals."""
     return f"{s * 1e3:.2f} ms"
+
+
+# --------------------------------------------------------------------------- the two models of a benchmark
+def build_padt_model(config_dir: str, seed: int, vis_norm_mean: float):
+    """The PaDT model of a bench config: random weights from `seed`, fp32, sdpa.
+
+    A fresh PaDT model starts with `vis_norm` at exactly zero (all prototypes 0); here its weight is drawn from
+    N(`vis_norm_mean`, initializer_range) and its bias from N(0, initializer_range), as after training, so the VRT
+    logits have a realistic scale.
+    """
+    import torch
+
+    from padt import PaDTConfig, PaDTForConditionalGeneration
+
+    config = PaDTConfig.from_pretrained(config_dir)
+    torch.manual_seed(seed)
+    model = PaDTForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    if model.vis_norm is not None:
+        std = config.text_config.initializer_range
+        with torch.no_grad():
+            model.vis_norm.weight.normal_(vis_norm_mean, std)
+            model.vis_norm.bias.normal_(0.0, std)
+    return model
+
+
+def build_vanilla_model(config_dir: str, seed: int, base_state: dict | None = None):
+    """transformers' `Qwen2_5_VLForConditionalGeneration` of the same config, fp32, sdpa; with `base_state` (a PaDT
+    state dict) its weights are copied from it (`ValueError` if a vanilla weight is missing or a non-PaDT key is left)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from padt.modeling import PADT_MODULE_NAMES
+
+    config = Qwen2_5_VLConfig.from_pretrained(config_dir)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    if base_state is not None:
+        result = model.load_state_dict(base_state, strict=False)
+        stray = [k for k in result.unexpected_keys if k.split(".")[0] not in PADT_MODULE_NAMES]
+        if result.missing_keys or stray:
+            raise ValueError(f"vanilla/PaDT state dicts do not line up: missing {result.missing_keys[:5]}, "
+                             f"unexpected non-PaDT keys {stray[:5]}")
+    return model

@@ -79,45 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ============================================================================ workload
 def build_padt(config_dir: str, seed: int):
-    """The PaDT model of the bench config, random weights from `seed`, fp32, sdpa, eval mode.
-
-    `vis_norm` starts at exactly zero in a fresh PaDT model (all prototypes 0); like every other weight here it is
-    drawn
-    from N(0, initializer_range) instead, so the prototypes and the VRT logits have the scale of the text ones and
-    greedy decoding can pick VRTs, as a trained model does.
-    """
-    import torch
-
-    from padt import PaDTConfig, PaDTForConditionalGeneration
-
-    config = PaDTConfig.from_pretrained(config_dir)
-    torch.manual_seed(seed)
-    model = PaDTForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    if model.vis_norm is not None:
-        with torch.no_grad():
-            model.vis_norm.weight.normal_(0.0, config.text_config.initializer_range)
-            model.vis_norm.bias.normal_(0.0, config.text_config.initializer_range)
-    return model.eval()
+    """The PaDT model of the bench config in eval mode; `vis_norm` drawn from N(0, initializer_range) so that greedy
+    decoding can pick VRTs, as a trained model does (see `_common.build_padt_model`)."""
+    return common.build_padt_model(config_dir, seed, vis_norm_mean=0.0).eval()
 
 
 def build_vanilla(config_dir: str, seed: int, base_state: dict | None = None):
-    """transformers' `Qwen2_5_VLForConditionalGeneration` of the same config; with `base_state` (a PaDT state dict)
-    its weights are copied from it (`ValueError` if any vanilla weight is missing or a non-PaDT key is left over)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from padt.modeling import PADT_MODULE_NAMES
-
-    config = Qwen2_5_VLConfig.from_pretrained(config_dir)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    if base_state is not None:
-        result = model.load_state_dict(base_state, strict=False)
-        stray = [k for k in result.unexpected_keys if k.split(".")[0] not in PADT_MODULE_NAMES]
-        if result.missing_keys or stray:
-            raise ValueError(f"vanilla/PaDT state dicts do not line up: missing {result.missing_keys[:5]}, "
-                             f"unexpected non-PaDT keys {stray[:5]}")
-    return model.eval()
+    """Vanilla Qwen2.5-VL of the same config with the PaDT base weights, eval mode."""
+    return common.build_vanilla_model(config_dir, seed, base_state).eval()
 
 
 def synthetic_image(size: int, seed: int):

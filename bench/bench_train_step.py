@@ -72,40 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ============================================================================ workload
 def build_padt(config_dir: str, seed: int):
-    """The PaDT model of the bench config, random weights from `seed` (`vis_norm` drawn like the other weights, as
-    after training, instead of PaDT's zero start), fp32, sdpa, train mode."""
-    import torch
-
-    from padt import PaDTConfig, PaDTForConditionalGeneration
-
-    config = PaDTConfig.from_pretrained(config_dir)
-    torch.manual_seed(seed)
-    model = PaDTForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    if model.vis_norm is not None:
-        with torch.no_grad():
-            model.vis_norm.weight.normal_(1.0, config.text_config.initializer_range)
-            model.vis_norm.bias.normal_(0.0, config.text_config.initializer_range)
-    return model.train()
+    """The PaDT model of the bench config in train mode, `vis_norm` ~ N(1, initializer_range) as after training."""
+    return common.build_padt_model(config_dir, seed, vis_norm_mean=1.0).train()
 
 
 def build_vanilla(config_dir: str, seed: int, base_state: dict | None = None):
-    """transformers' Qwen2.5-VL of the same config, weights copied from a PaDT state dict when given (strict on the
-    vanilla keys)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from padt.modeling import PADT_MODULE_NAMES
-
-    config = Qwen2_5_VLConfig.from_pretrained(config_dir)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    if base_state is not None:
-        result = model.load_state_dict(base_state, strict=False)
-        stray = [k for k in result.unexpected_keys if k.split(".")[0] not in PADT_MODULE_NAMES]
-        if result.missing_keys or stray:
-            raise ValueError(f"vanilla/PaDT weights do not line up: missing {result.missing_keys[:5]}, "
-                             f"unexpected {stray[:5]}")
-    return model.train()
+    """Vanilla Qwen2.5-VL of the same config with the PaDT base weights, train mode."""
+    return common.build_vanilla_model(config_dir, seed, base_state).train()
 
 
 def build_batches(config_dir: str, processor_dir: str, samples: int, image_size: int, seed: int) -> tuple[dict, dict]:
