@@ -27,7 +27,7 @@ _RESIZE_DTYPES = {"uint8": np.uint8, "float32": np.float32}
 
 
 # --------------------------------------------------------------------------- RLE / polygons
-def _mask_api():
+def mask_api():
     try:
         from pycocotools import mask as mask_api
     except ImportError as err:  # pragma: no cover - pycocotools is a dependency of the eval/train extras
@@ -35,20 +35,20 @@ def _mask_api():
     return mask_api
 
 
-def _as_text_rle(rle: dict) -> dict:
+def as_text_rle(rle: dict) -> dict:
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
 
 
-def _as_bytes_rle(rle: dict) -> dict:
+def as_bytes_rle(rle: dict) -> dict:
     if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
         raise TypeError(f"expected a COCO RLE dict with 'size' and 'counts', got {type(rle).__name__}: {rle!r:.80}")
     counts = rle["counts"]
     if isinstance(counts, list):  # uncompressed RLE
         h, w = rle["size"]
-        return _mask_api().frPyObjects(rle, int(h), int(w))
+        return mask_api().frPyObjects(rle, int(h), int(w))
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
@@ -59,22 +59,22 @@ def rle_encode(mask: np.ndarray) -> dict:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"rle_encode expects a 2-D mask (H, W), got shape {mask.shape}")
-    return _as_text_rle(_mask_api().encode(np.asfortranarray((mask != 0).astype(np.uint8))))
+    return as_text_rle(mask_api().encode(np.asfortranarray((mask != 0).astype(np.uint8))))
 
 
 def rle_decode(rle: dict) -> np.ndarray:
     """Decode a COCO RLE (compressed text/bytes counts, or uncompressed list counts) to a uint8 mask (H, W) of 0/1."""
-    return _mask_api().decode(_as_bytes_rle(rle))
+    return mask_api().decode(as_bytes_rle(rle))
 
 
 def rle_area(rle: dict) -> int:
     """Number of foreground pixels of an RLE."""
-    return int(_mask_api().area(_as_bytes_rle(rle)))
+    return int(mask_api().area(as_bytes_rle(rle)))
 
 
 def rle_to_bbox_xywh(rle: dict) -> list[float]:
     """Tight box [x, y, w, h] (pixels) of an RLE's foreground; all zeros for an empty mask."""
-    return [float(v) for v in _mask_api().toBbox(_as_bytes_rle(rle))]
+    return [float(v) for v in mask_api().toBbox(as_bytes_rle(rle))]
 
 
 def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
@@ -89,8 +89,8 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int
             "each polygon needs an even number of coordinates and at least 3 points; "
             f"got part lengths {[len(p) for p in parts]}"
         )
-    api = _mask_api()
-    return _as_text_rle(api.merge(api.frPyObjects(parts, int(height), int(width))))
+    api = mask_api()
+    return as_text_rle(api.merge(api.frPyObjects(parts, int(height), int(width))))
 
 
 def clean_polygons(polygons: Sequence[Sequence[float]]) -> tuple[list[list[float]], int]:
@@ -110,7 +110,7 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
         size = [int(v) for v in segmentation["size"]]
         if size != [int(height), int(width)]:
             raise ValueError(f"RLE size {size} does not match the image size {[int(height), int(width)]}")
-        return _as_text_rle(_as_bytes_rle(segmentation))
+        return as_text_rle(as_bytes_rle(segmentation))
     if isinstance(segmentation, (list, tuple)):
         good, _ = clean_polygons(segmentation)
         if not good:

@@ -12,7 +12,7 @@ import copy
 import io
 from collections.abc import Sequence
 
-from padt.masks import _as_bytes_rle
+from padt.masks import as_bytes_rle
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -45,7 +45,7 @@ def coco_from_dataset(dataset: dict) -> object:
 def _with_bytes_rle(ann: dict) -> dict:
     seg = ann.get("segmentation")
     if isinstance(seg, dict):
-        return {**ann, "segmentation": _as_bytes_rle(seg)}
+        return {**ann, "segmentation": as_bytes_rle(seg)}
     return ann
 
 

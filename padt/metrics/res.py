@@ -16,17 +16,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from padt.masks import _as_bytes_rle, _mask_api
+from padt.masks import as_bytes_rle, mask_api
 
 
 def mask_intersection_union(pred_rle: dict | None, gt_rle: dict) -> tuple[int, int]:
     """(intersection, union) pixel counts of a predicted RLE (None = no prediction) and a ground-truth RLE."""
-    api = _mask_api()
-    gt = _as_bytes_rle(gt_rle)
+    api = mask_api()
+    gt = as_bytes_rle(gt_rle)
     gt_area = int(api.area(gt))
     if pred_rle is None:
         return 0, gt_area
-    pred = _as_bytes_rle(pred_rle)
+    pred = as_bytes_rle(pred_rle)
     if list(pred["size"]) != list(gt["size"]):
         raise ValueError(f"predicted mask size {list(pred['size'])} differs from the ground truth's "
                          f"{list(gt['size'])}; both must be at the original image size (H, W)")
