@@ -32,12 +32,25 @@ def tiny_padt_config(
     vision_depth: int = 2,
     vision_heads: int = 2,
     window_size: int = 56,
+    text_rope_theta: float = 1e6,
+    mrope_section: list[int] | None = None,
+    vision_rope_theta: float = 10000.0,
     **overrides: Any,
 ) -> PaDTConfig:
     """A PaDT config with a 2-layer LLM (width 64, 4 heads, 2 KV heads), a 2-block ViT (width 32, window 56 px = 2x2
-    merged cells, block 1 full attention) and a decoder of the ViT's width. `overrides` go to `PaDTConfig`."""
+    merged cells, block 1 full attention) and a decoder of the ViT's width. `overrides` go to `PaDTConfig`.
+
+    Rotary defaults are Qwen2.5-VL's (text theta 1e6, vision theta 1e4). At toy head sizes they leave the image rows
+    and columns almost unrotated (the h/w mrope sections get the lowest frequencies), so a model trained from scratch
+    cannot tell where a cell is; `text_rope_theta`, `mrope_section` (t, h, w; sums to head_dim / 2) and
+    `vision_rope_theta` set them for such a model (see docs/shapes.md)."""
     head_dim = text_hidden_size // 4
     quarter = head_dim // 2 // 4  # mrope sections (t, h, w) must sum to head_dim / 2
+    if mrope_section is None:
+        mrope_section = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    if len(mrope_section) != 3 or sum(mrope_section) != head_dim // 2:
+        raise ValueError(f"mrope_section={mrope_section} must be 3 ints (t, h, w) summing to head_dim / 2 = "
+                         f"{head_dim // 2}")
     text_config = dict(
         vocab_size=vocab_size,
         hidden_size=text_hidden_size,
@@ -46,8 +59,7 @@ def tiny_padt_config(
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                         "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
+        rope_parameters={"rope_type": "default", "rope_theta": text_rope_theta, "mrope_section": list(mrope_section)},
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
@@ -58,6 +70,7 @@ def tiny_padt_config(
         hidden_size=vision_hidden_size,
         intermediate_size=2 * vision_hidden_size,
         num_heads=vision_heads,
+        rope_parameters={"rope_type": "axial", "rope_theta": vision_rope_theta},
         in_channels=3,
         patch_size=14,
         temporal_patch_size=2,
@@ -148,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vision-depth", type=int, default=2)
     ap.add_argument("--vision-heads", type=int, default=2)
     ap.add_argument("--window-size", type=int, default=56, help="ViT attention window in px")
+    ap.add_argument("--text-rope-theta", type=float, default=1e6)
+    ap.add_argument("--mrope-section", type=int, nargs=3, default=None, metavar=("T", "H", "W"))
+    ap.add_argument("--vision-rope-theta", type=float, default=10000.0)
+    ap.add_argument("--vrt-feature-order", choices=("window", "merge_block"), default="window")
     ap.add_argument("--min-pixels", type=int, default=None)
     ap.add_argument("--max-pixels", type=int, default=None)
     a = ap.parse_args(argv)
@@ -155,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         a.out, a.seed, placeholder=not a.training_start, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
         text_hidden_size=a.text_hidden_size, text_layers=a.text_layers, vision_hidden_size=a.vision_hidden_size,
         vision_depth=a.vision_depth, vision_heads=a.vision_heads, window_size=a.window_size,
+        text_rope_theta=a.text_rope_theta, mrope_section=a.mrope_section, vision_rope_theta=a.vision_rope_theta,
+        vrt_feature_order=a.vrt_feature_order,
     )
 
 

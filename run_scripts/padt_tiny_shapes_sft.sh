@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Train the tiny PaDT shapes model from scratch on CPU: data, model, training, evaluation (issue "shapes benchmark").
+set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+Usage: bash run_scripts/padt_tiny_shapes_sft.sh OUTPUT_DIR [extra padt.train flags]
+
+1. generates the synthetic shapes data set (OUTPUT_DIR/data: NUM_IMAGES training scenes, NUM_VAL held-out scenes
+   from a separate random stream), unless it is there already;
+2. builds a tiny random Qwen2.5-VL-architecture PaDT model with the shapes tokenizer (OUTPUT_DIR/init);
+3. trains it on REC/RES + OVD + RIC jointly with configs/train/tiny_shapes.yaml (OUTPUT_DIR/run; a rerun resumes);
+4. evaluates the final model on the held-out scenes with eval/evaluate.py (OUTPUT_DIR/eval; skip with EVAL=0).
+About 30 minutes on 2 CPU cores. The trained model (OUTPUT_DIR/run) is what padt/assets/tiny_default ships.
+
+Arguments:
+  OUTPUT_DIR            folder for data, init, run and eval (created)
+  extra flags           passed to 'python -m padt.train', e.g. --max_steps 200 --num_vrt all --robust_ce false
+
+Environment:
+  NUM_IMAGES (4000)     training scenes           NUM_VAL (300)      held-out scenes
+  SEED (0)              data seed                 EVAL (1)           evaluate after training
+  EVAL_LIMIT (0)        evaluate only the first N held-out samples per task (0 = all)
+  PYTHON (python)       interpreter with padt installed
+  OMP_NUM_THREADS (2)   torch threads
+USAGE
+}
+
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+    usage
+    [[ $# -ge 1 ]] && exit 0 || exit 2
+fi
+OUT="$1"
+shift
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+DATA="${OUT}/data"
+PIXELS=28224  # 168 x 168: the scenes' size, so the processor keeps them as they are (6 x 6 merged cells)
+
+if [[ ! -f "${DATA}/manifest.json" ]]; then
+    "${PYTHON}" "${ROOT}/src/preprocess/make_shapes.py" --out "${DATA}" --num-images "${NUM_IMAGES:-4000}" \
+        --num-val-images "${NUM_VAL:-300}" --seed "${SEED:-0}"
+fi
+
+# The real Qwen2.5-VL architecture at toy sizes. Rotary settings: at these head sizes Qwen's defaults (text theta 1e6,
+# mrope 8/4/4; vision theta 1e4) leave image rows and columns almost unrotated, so a model trained from scratch could
+# not tell where a cell is (docs/shapes.md). merge_block: the geometrically consistent decoder feature order.
+if [[ ! -f "${OUT}/init/config.json" ]]; then
+    "${PYTHON}" -m padt.tiny_model --out "${OUT}/init" --training-start --seed 0 \
+        --text-hidden-size 128 --text-layers 4 --vision-hidden-size 64 --vision-depth 4 --vision-heads 4 \
+        --window-size 224 --text-rope-theta 10 --mrope-section 2 7 7 --vision-rope-theta 100 \
+        --vrt-feature-order merge_block --min-pixels "${PIXELS}" --max-pixels "${PIXELS}"
+fi
+
+"${PYTHON}" -m padt.train --config "${ROOT}/configs/train/tiny_shapes.yaml" \
+    --model_name_or_path "${OUT}/init" \
+    --data_file_paths "${DATA}/refer_train.jsonl:${DATA}/ovd_train.jsonl:${DATA}/ric_train.jsonl" \
+    --image_folders "${DATA}/images:${DATA}/images:${DATA}/images" \
+    --output_dir "${OUT}/run" \
+    "$@"
+
+if [[ "${EVAL:-1}" != "0" ]]; then
+    LIMIT=()
+    [[ "${EVAL_LIMIT:-0}" != "0" ]] && LIMIT=(--limit "${EVAL_LIMIT}")
+    for TASK in rec res; do
+        "${PYTHON}" "${ROOT}/eval/evaluate.py" --model "${OUT}/run" --task "${TASK}" --data "${DATA}/refer_val.jsonl" \
+            --images "${DATA}/images" --out "${OUT}/eval/${TASK}" --batch-size 16 --no-progress "${LIMIT[@]}"
+    done
+    "${PYTHON}" "${ROOT}/eval/evaluate.py" --model "${OUT}/run" --task ovd --data "${DATA}/ovd_val.jsonl" \
+        --images "${DATA}/images" --annotations "${DATA}/coco_val.json" --out "${OUT}/eval/ovd" --batch-size 16 \
+        --no-progress "${LIMIT[@]}"
+    "${PYTHON}" "${ROOT}/eval/evaluate.py" --model "${OUT}/run" --task ric --data "${DATA}/ric_val.jsonl" \
+        --images "${DATA}/images" --out "${OUT}/eval/ric" --batch-size 16 --no-progress "${LIMIT[@]}"
+fi
+echo "done: model ${OUT}/run, metrics ${OUT}/eval"
