@@ -8,6 +8,7 @@ step), ids below V are embedded by the text table and ids >= V by gathering prot
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -60,17 +61,18 @@ def embed_with_prototypes(
     if prototypes is None:
         return embed_tokens(input_ids)
     is_vrt = input_ids >= vrt_base_id if is_vrt is None else is_vrt
-    embeds = embed_tokens(input_ids.masked_fill(is_vrt, 0))
-    where = is_vrt.nonzero(as_tuple=True)
-    rows = prototypes[input_ids[where] - vrt_base_id].to(embeds.dtype)
-    return embeds.index_put(where, rows)
+    # both tables are read at every position (VRT ids read text row V-1, text ids prototype 0) and `where` keeps the
+    # right row: no nonzero/host sync and fewer ops than scattering only the VRT rows, for one extra (B, L, H) buffer
+    text = embed_tokens(input_ids.clamp(max=vrt_base_id - 1))
+    vrt = F.embedding((input_ids - vrt_base_id).clamp_(min=0), prototypes.to(text.dtype))
+    return torch.where(is_vrt[..., None], vrt, text)
 
 
 def extended_logits(
     hidden: torch.Tensor,
     lm_head: nn.Module,
-    prototypes: torch.Tensor | None,
-    allowed_cells: torch.Tensor | None,
+    prototypes_t: torch.Tensor | None,
+    vrt_bias: torch.Tensor | None = None,
     blocked_text_rows: slice | None = None,
 ) -> torch.Tensor:
     """Logits over text ids and VRT ids, `-inf` where a row may not emit (spec 3.4-3.5).
@@ -78,8 +80,10 @@ def extended_logits(
     Args:
         hidden (`torch.Tensor` of shape `(B, L, H)`): final-norm hidden states.
         lm_head: the text classifier (tied to `embed_tokens` when `tie_word_embeddings`, as the 3B).
-        prototypes (`torch.Tensor` of shape `(N_cells, H)`, *optional*): classifier rows of the VRT ids.
-        allowed_cells (`torch.BoolTensor` of shape `(B, N_cells)`, *optional*): prototypes each row may emit.
+        prototypes_t (`torch.Tensor` of shape `(H, N_cells)`, *optional*): `P^T` in `hidden`'s dtype, the classifier
+            columns of the VRT ids (`VRTImageState.prototypes_t`, built once per image state).
+        vrt_bias (`torch.Tensor` of shape `(B, 1, N_cells)`, *optional*): added to the VRT logits, 0 where a row may
+            emit a prototype and `-inf` where not (`VRTImageState.vrt_logit_bias`); None when every row may emit all.
         blocked_text_rows: text ids to mask as well (unused embedding rows), or None.
     Returns:
         `torch.Tensor` of shape `(B, L, V + N_cells)` (or `(B, L, V)` without prototypes).
@@ -87,9 +91,10 @@ def extended_logits(
     text = lm_head(hidden)
     if blocked_text_rows is not None:
         text[..., blocked_text_rows] = float("-inf")
-    if prototypes is None or prototypes.shape[0] == 0:
+    if prototypes_t is None or prototypes_t.shape[1] == 0:
         return text
-    vrt = hidden @ prototypes.to(hidden.dtype).T  # B x L x N_cells
-    if allowed_cells is not None:
-        vrt = vrt.masked_fill(~allowed_cells[:, None, :], float("-inf"))
-    return torch.cat([text, vrt.to(text.dtype)], dim=-1)
+    # (B, L, N_cells); mm on the folded rows: matmul would expand + bmm for a strided slice such as `hidden[:, -1:]`
+    vrt = torch.mm(hidden.reshape(-1, hidden.shape[-1]), prototypes_t).view(*hidden.shape[:-1], -1)
+    if vrt_bias is not None:
+        vrt += vrt_bias
+    return torch.cat([text, vrt], dim=-1)

@@ -8,9 +8,13 @@ several images or none.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from padt.vision import VisionFeatures
 
 
 @dataclass
@@ -21,58 +25,91 @@ class VRTImageState:
         image_embeds (`torch.Tensor` of shape `(N_cells, H)`): raw merger output E_img (inserted at `<|image_pad|>`).
         prototypes (`torch.Tensor` of shape `(N_cells, H)`): visual reference prototypes P (VRT input rows and
             classifier rows); authors' name `past_image_embeds`.
-        high_res_embeds (`torch.Tensor` of shape `(N_patches, D_vit)`): pre-merger ViT features for the decoder;
-            authors' `past_high_res_image_embeds`.
-        pos_embeds (`tuple` of two `(N_patches, head_dim_vit)` tensors): ViT rotary (cos, sin); authors' `past_visual_pe`.
+        vision (`VisionFeatures`, *optional*): the decoder's inputs `high_res_embeds` and `pos_embeds` (below); when
+            they come from the vision tower they are derived on first access (only the decoder reads them).
         image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`).
         image_sample_idx (`torch.LongTensor` of shape `(num_images,)`): batch row of each image.
         cell_sample_idx (`torch.LongTensor` of shape `(N_cells,)`): batch row of each prototype.
         batch_size (`int`): number of batch rows the state was built for.
-        step_hidden_states (`list` of `(B, H)` tensors): during `generate`, the final-norm hidden state of the last
+        generating (`bool`): True while `generate` drives the state. Its forward calls then record
+            `step_hidden_states`, trust the VRT ids that generate sampled, and leave the per-step outputs' derived
+            fields (`past_logit_mask`, `past_high_res_image_embeds`, `past_visual_pe`) unset: generate returns them.
+        step_hidden_states (`list` of `(B, 1, H)` tensors): during `generate`, the final-norm hidden state of the last
             position of every forward call, i.e. the state that predicted each generated token.
     """
 
     image_embeds: torch.Tensor | None
     prototypes: torch.Tensor
-    high_res_embeds: torch.Tensor | None
-    pos_embeds: tuple[torch.Tensor, torch.Tensor] | None
+    vision: VisionFeatures | None
     image_grid_thw: torch.Tensor | None
     image_sample_idx: torch.Tensor
     cell_sample_idx: torch.Tensor
     batch_size: int
-    record_step_hidden: bool = False
+    generating: bool = False
     step_hidden_states: list[torch.Tensor] = field(default_factory=list)
-    _cache: dict = field(default_factory=dict, repr=False)  # per-batch-size masks, built once for all decode steps
+    _cache: dict = field(default_factory=dict, repr=False)  # per-batch-size masks etc., built once for all steps
+
+    @property
+    def high_res_embeds(self) -> torch.Tensor | None:
+        """`(N_patches, D_vit)`: pre-merger ViT features for the decoder; authors' `past_high_res_image_embeds`."""
+        return None if self.vision is None else self.vision.high_res_embeds
+
+    @property
+    def pos_embeds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """ViT rotary (cos, sin), each `(N_patches, head_dim_vit)`; authors' `past_visual_pe`."""
+        return None if self.vision is None else self.vision.pos_embeds
 
     @property
     def num_cells(self) -> int:
         return int(self.prototypes.shape[0])
+
+    def _cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """`build()` once per key for the state's lifetime (the prefill builds it, every decode step reuses it)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def _check_batch_size(self, batch_size: int) -> None:
+        if batch_size % self.batch_size != 0:
+            raise ValueError(
+                f"the image state was built for {self.batch_size} batch rows, got {batch_size}; pass the same batch "
+                "(or a repeat-interleaved expansion of it) that the images came with"
+            )
 
     def allowed_cells(self, batch_size: int) -> torch.Tensor:
         """Boolean `(batch_size, N_cells)`: which prototypes each row may read/emit.
 
         A batch expanded by `generate` (`num_return_sequences`, repeat-interleaved rows) maps back to its source rows.
         """
-        key = ("allowed", batch_size)
-        if key not in self._cache:
-            self._cache[key] = self._allowed_cells(batch_size)
-        return self._cache[key]
-
-    def all_cells_allowed(self, batch_size: int) -> bool:
-        """True when every row may use every prototype (one sample, or all rows share the images): no masking needed."""
-        key = ("all", batch_size)
-        if key not in self._cache:
-            self._cache[key] = bool(self.allowed_cells(batch_size).all())
-        return self._cache[key]
+        return self._cached(("allowed", batch_size), lambda: self._allowed_cells(batch_size))
 
     def _allowed_cells(self, batch_size: int) -> torch.Tensor:
-        if batch_size % self.batch_size != 0:
-            raise ValueError(
-                f"the image state was built for {self.batch_size} batch rows, got {batch_size}; pass the same batch "
-                "(or a repeat-interleaved expansion of it) that the images came with"
-            )
+        self._check_batch_size(batch_size)
         rows = torch.arange(batch_size, device=self.cell_sample_idx.device) // (batch_size // self.batch_size)
         return rows[:, None] == self.cell_sample_idx[None, :]
+
+    def all_cells_allowed(self, batch_size: int) -> bool:
+        """True when every row may use every prototype, so no masking is needed: the state has one source row (every
+        prototype belongs to it, however often `generate` repeats it) or no prototype."""
+        self._check_batch_size(batch_size)
+        return self.batch_size == 1 or self.num_cells == 0
+
+    def prototypes_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """`(H, N_cells)`: `P^T` in `dtype`, the VRT classifier (a view of `prototypes` when the dtype matches)."""
+        return self._cached(("prototypes_t", dtype), lambda: self.prototypes.to(dtype).T)
+
+    def vrt_logit_bias(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """`(batch_size, 1, N_cells)` additive bias of the VRT logits: 0 on each row's own prototypes, `-inf` on the
+        others; None when every row may emit every prototype."""
+        if self.all_cells_allowed(batch_size):
+            return None
+
+        def build() -> torch.Tensor:
+            allowed = self.allowed_cells(batch_size)
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+            return bias[:, None, :]
+
+        return self._cached(("vrt_logit_bias", batch_size, dtype), build)
 
     def image_embeds_for(self, batch_size: int) -> torch.Tensor:
         """Raw image embeddings in the order of the `<|image_pad|>` tokens of a batch of `batch_size` rows (the
@@ -85,17 +122,18 @@ class VRTImageState:
     def logit_mask(self, vocab_rows: int, batch_size: int | None = None) -> torch.Tensor:
         """Boolean `(B, V + N_cells)`: True on the text vocabulary and on the row's own prototypes (spec 3.5, per row)."""
         batch_size = self.batch_size if batch_size is None else batch_size
-        key = ("logit_mask", vocab_rows, batch_size)
-        if key not in self._cache:
+
+        def build() -> torch.Tensor:
             allowed = self.allowed_cells(batch_size)
-            self._cache[key] = torch.cat([allowed.new_ones(batch_size, vocab_rows), allowed], dim=1)
-        return self._cache[key]
+            return torch.cat([allowed.new_ones(batch_size, vocab_rows), allowed], dim=1)
+
+        return self._cached(("logit_mask", vocab_rows, batch_size), build)
 
     def stacked_step_hidden(self) -> torch.Tensor | None:
         """`(B, T_new, H)`: hidden state that predicted each generated token, or None if nothing was recorded."""
         if not self.step_hidden_states:
             return None
-        return torch.stack(self.step_hidden_states, dim=1)
+        return torch.cat(self.step_hidden_states, dim=1)
 
     @classmethod
     def from_legacy(
@@ -127,8 +165,7 @@ class VRTImageState:
         return cls(
             image_embeds=None,
             prototypes=past_image_embeds,
-            high_res_embeds=past_high_res_image_embeds,
-            pos_embeds=past_visual_pe,
+            vision=VisionFeatures.from_tensors(past_high_res_image_embeds, past_visual_pe),
             image_grid_thw=None,
             image_sample_idx=torch.arange(rows, device=past_image_embeds.device),
             cell_sample_idx=owner.to(past_image_embeds.device),
@@ -136,18 +173,21 @@ class VRTImageState:
         )
 
 
-def cells_per_image(image_grid_thw: torch.Tensor, spatial_merge_size: int, cell_size_px: int) -> torch.Tensor:
-    """Merged cells (VRTs) per image, `(num_images,)` long; `ValueError` for an image smaller than one merged cell."""
-    h, w = image_grid_thw[:, 1], image_grid_thw[:, 2]
-    bad = (h < spatial_merge_size) | (w < spatial_merge_size) | (h % spatial_merge_size != 0) | (w % spatial_merge_size != 0)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"image {i} has a patch grid (t, h, w) = {tuple(image_grid_thw[i].tolist())} that is not a whole number of "
-            f"merged {spatial_merge_size}x{spatial_merge_size} cells; every image must be at least {cell_size_px}x"
-            f"{cell_size_px} px after resizing (one VRT cell)"
-        )
-    return image_grid_thw.prod(-1) // spatial_merge_size**2
+def cells_per_image(image_grid_thw: torch.Tensor, spatial_merge_size: int, cell_size_px: int) -> list[int]:
+    """Merged cells (VRTs) per image; `ValueError` for an image smaller than one merged cell.
+
+    Works on the grid as Python ints (one host copy, no tensor ops: this runs on every prefill).
+    """
+    m = spatial_merge_size
+    cells = []
+    for i, (t, h, w) in enumerate(image_grid_thw.tolist()):
+        if h < m or w < m or h % m or w % m:
+            raise ValueError(
+                f"image {i} has a patch grid (t, h, w) = {(t, h, w)} that is not a whole number of merged {m}x{m} "
+                f"cells; every image must be at least {cell_size_px}x{cell_size_px} px after resizing (one VRT cell)"
+            )
+        cells.append(t * h * w // m**2)
+    return cells
 
 
 def assign_images_to_rows(image_tokens_per_row: list[int], cells: list[int]) -> list[int]:

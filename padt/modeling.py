@@ -25,9 +25,9 @@ from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
@@ -153,25 +153,30 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         cells = cells_per_image(image_grid_thw, cfg.spatial_merge_size, cfg.cell_size_px)
         if input_ids is not None:
             per_row = (input_ids == cfg.image_token_id).sum(1).tolist()
-            owners = assign_images_to_rows(per_row, cells.tolist())
+            owners = assign_images_to_rows(per_row, cells)
             batch_size = input_ids.shape[0]
         else:
             owners, batch_size = list(range(len(cells))), len(cells)
-        order = "window" if cfg.vrt_feature_order == "window" else "merge_block"
-        feats = encode_images(self.model.visual, pixel_values, image_grid_thw, order=order)
+        feats = encode_images(self.model.visual, pixel_values, image_grid_thw, order=cfg.vrt_feature_order)
         prototypes = VisualPrototypeProjection.apply(feats.image_embeds, self.vis_norm, self.vis_proj)
         device = feats.image_embeds.device
-        image_sample_idx = torch.tensor(owners, dtype=torch.long, device=device)
+        cell_owners = [row for row, n in zip(owners, cells) for _ in range(n)]
         return VRTImageState(
             image_embeds=feats.image_embeds,
             prototypes=prototypes,
-            high_res_embeds=feats.high_res_embeds,
-            pos_embeds=feats.pos_embeds,
+            vision=feats,
             image_grid_thw=image_grid_thw,
-            image_sample_idx=image_sample_idx,
-            cell_sample_idx=image_sample_idx.repeat_interleave(cells.to(device)),
+            image_sample_idx=torch.as_tensor(owners, dtype=torch.long, device=device),
+            cell_sample_idx=torch.as_tensor(cell_owners, dtype=torch.long, device=device),
             batch_size=batch_size,
         )
+
+    @staticmethod
+    def _sampled_by_generate(input_ids: torch.Tensor, state: VRTImageState | None) -> bool:
+        """True for a `generate` step after the first that feeds back one token per row: the token generate sampled
+        from this model's last logits, which are `-inf` outside the row's own prototypes, so its VRT ids are valid by
+        construction and need no check (a logits processor that forces a VRT id would bypass it)."""
+        return state is not None and state.generating and bool(state.step_hidden_states) and input_ids.shape[1] == 1
 
     def _check_vrt_ids(self, input_ids: torch.Tensor, is_vrt: torch.Tensor, state: VRTImageState | None) -> None:
         """`ValueError` for a VRT id (`is_vrt` marks them) that is not a prototype of its own row's images."""
@@ -257,19 +262,20 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
         embed = self.get_input_embeddings()
         mm_encoder_outputs = None
+        past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            is_vrt = input_ids >= V
-            has_vrt = bool(is_vrt.any())
-            if has_vrt:
+            # one reduction and one host sync tell whether any id is a VRT (the common decode step has none)
+            is_vrt = input_ids >= V if input_ids.numel() and int(input_ids.max()) >= V else None
+            if is_vrt is not None and not self._sampled_by_generate(input_ids, state):
                 self._check_vrt_ids(input_ids, is_vrt, state)
             inputs_embeds = embed_with_prototypes(
-                input_ids, embed, state.prototypes if has_vrt else None, V, is_vrt=is_vrt
+                input_ids, embed, None if is_vrt is None else state.prototypes, V, is_vrt=is_vrt
             )
             # image tokens come with the prompt; decode steps that reuse an image state skip the count
-            decoding = state is not None and past_key_values is not None and past_key_values.get_seq_length() > 0
-            n_image_tokens = 0 if decoding else int((input_ids == cfg.image_token_id).sum())
+            decoding = state is not None and past_len > 0
+            n_image_tokens = 0 if decoding else int(torch.count_nonzero(input_ids == cfg.image_token_id))
             if n_image_tokens:
                 if state is None or state.image_embeds is None:
                     raise ValueError(
@@ -287,7 +293,6 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         elif state is not None and state.image_embeds is not None and pixel_values is not None:
             raise ValueError("with inputs_embeds, insert the image features yourself and pass no pixel_values")
 
-        past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
         if position_ids is None and past_len > 0 and self.model.rope_deltas is not None:
             position_ids = self.decode_position_ids(inputs_embeds.shape[:2], past_len, attention_mask, inputs_embeds.device)
 
@@ -305,20 +310,24 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        if state is not None and state.record_step_hidden:
-            state.step_hidden_states.append(hidden[:, -1])
+        kept = slice_logits_to_keep(hidden, logits_to_keep)
+        if state is not None and state.generating:
+            # generate keeps the last position only (logits_to_keep=1): record that view, no extra op
+            last_only = isinstance(logits_to_keep, int) and kept.shape[1] == 1
+            state.step_hidden_states.append(kept if last_only else hidden[:, -1:])
 
         batch = hidden.shape[0]
-        allowed = None if state is None or state.all_cells_allowed(batch) else state.allowed_cells(batch)
-        blocked = slice(cfg.num_tokenizer_tokens, V) if cfg.mask_unused_token_rows else None
+        with_vrt = state is not None and state.num_cells > 0
         logits = extended_logits(
-            slice_logits_to_keep(hidden, logits_to_keep),
+            kept,
             self.lm_head,
-            None if state is None else state.prototypes,
-            allowed,
-            blocked,
+            state.prototypes_t(hidden.dtype) if with_vrt else None,
+            state.vrt_logit_bias(batch, hidden.dtype) if with_vrt else None,
+            slice(cfg.num_tokenizer_tokens, V) if cfg.mask_unused_token_rows else None,
         )
         loss = self.next_token_loss(logits, labels) if labels is not None else None
+        # generate passes the state itself and returns these once at the end; the per-step outputs leave them unset
+        derived = state is not None and not state.generating
         return PaDTCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -328,9 +337,9 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             rope_deltas=self.legacy_rope_deltas(attention_mask) if past_len == 0 else None,
             last_hidden_state=hidden,
             past_image_embeds=None if state is None else state.prototypes,
-            past_logit_mask=None if state is None else state.logit_mask(V, batch),
-            past_high_res_image_embeds=None if state is None else state.high_res_embeds,
-            past_visual_pe=None if state is None else state.pos_embeds,
+            past_logit_mask=state.logit_mask(V, batch) if derived else None,
+            past_high_res_image_embeds=state.high_res_embeds if derived else None,
+            past_visual_pe=state.pos_embeds if derived else None,
             padt_state=state,
         )
 
@@ -434,10 +443,12 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if input_ids is not None and kwargs.get("mm_token_type_ids") is None:
             kwargs["mm_token_type_ids"] = self.mm_token_type_ids_from(input_ids)
         if state is not None:
-            state.record_step_hidden, state.step_hidden_states = True, []
-        out = super().generate(inputs, *args, padt_state=state, **kwargs)
-        if state is not None:
-            state.record_step_hidden = False
+            state.generating, state.step_hidden_states = True, []
+        try:
+            out = super().generate(inputs, *args, padt_state=state, **kwargs)
+        finally:
+            if state is not None:
+                state.generating = False
         if not isinstance(out, GenerateDecoderOnlyOutput):
             return out
         V = self.config.vrt_base_id

@@ -156,6 +156,28 @@ class PaDTTrainer(Trainer):
     def _new_window() -> dict[str, float]:
         return {"start": time.perf_counter(), "samples": 0.0, "tokens": 0.0}
 
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer; with `decoder_lr_scale != 1` each of its parameter groups is split in two, the
+        decoder's parameters (`vl_decoder.*`) getting `lr x decoder_lr_scale` (the schedule scales both alike)."""
+        optimizer = super().create_optimizer(model)
+        scale = self.args.decoder_lr_scale
+        if scale == 1.0 or getattr(self, "_decoder_groups_split", False):
+            return optimizer
+        target = self.model if model is None else model
+        decoder = {id(p) for n, p in target.named_parameters() if n.split(".").count("vl_decoder")}
+        if not decoder:
+            raise ValueError("decoder_lr_scale is set but the model has no vl_decoder parameters")
+        for group in list(optimizer.param_groups):
+            mine = [p for p in group["params"] if id(p) in decoder]
+            if not mine:
+                continue
+            group["params"] = [p for p in group["params"] if id(p) not in decoder]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
+                                       "lr": group["lr"] * scale})
+        self._decoder_groups_split = True
+        return optimizer
+
     # ------------------------------------------------------------------ loss
     def use_prototype_features(self) -> bool:
         """True during the decoder warm-up: the first `warmup_prototype_steps` optimizer steps."""

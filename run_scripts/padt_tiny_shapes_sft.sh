@@ -64,14 +64,18 @@ fi
 if [[ "${EVAL:-1}" != "0" ]]; then
     LIMIT=()
     [[ "${EVAL_LIMIT:-0}" != "0" ]] && LIMIT=(--limit "${EVAL_LIMIT}")
+    # REC and RES score the same predictions (one generation per record; the second call only scores)
     for TASK in rec res; do
         "${PYTHON}" "${ROOT}/eval/evaluate.py" --model "${OUT}/run" --task "${TASK}" --data "${DATA}/refer_val.jsonl" \
-            --images "${DATA}/images" --out "${OUT}/eval/${TASK}" --batch-size 16 --no-progress "${LIMIT[@]}"
+            --images "${DATA}/images" --out "${OUT}/eval" --batch-size 16 --no-progress "${LIMIT[@]}"
     done
     "${PYTHON}" "${ROOT}/eval/evaluate.py" --model "${OUT}/run" --task ovd --data "${DATA}/ovd_val.jsonl" \
-        --images "${DATA}/images" --annotations "${DATA}/coco_val.json" --out "${OUT}/eval/ovd" --batch-size 16 \
+        --images "${DATA}/images" --annotations "${DATA}/coco_val.json" --out "${OUT}/eval" --batch-size 16 \
         --no-progress "${LIMIT[@]}"
     "${PYTHON}" "${ROOT}/eval/evaluate.py" --model "${OUT}/run" --task ric --data "${DATA}/ric_val.jsonl" \
-        --images "${DATA}/images" --out "${OUT}/eval/ric" --batch-size 16 --no-progress "${LIMIT[@]}"
+        --images "${DATA}/images" --out "${OUT}/eval" --batch-size 16 --no-progress "${LIMIT[@]}"
+fi
+if [[ "${EVAL:-1}" != "0" ]]; then
+    "${PYTHON}" -m padt.evaluation.table "${OUT}/eval"
 fi
 echo "done: model ${OUT}/run, metrics ${OUT}/eval"

@@ -273,3 +273,122 @@ def test_mask_unused_token_rows():
     assert torch.isfinite(out.logits[..., 320:]).all()
     with pytest.raises(ValueError, match="num_tokenizer_tokens"):
         tiny_padt_config(mask_unused_token_rows=True)
+
+
+# ---------------------------------------------------------------------------- per-op overhead at inference
+def test_decoder_inputs_are_derived_on_first_access_and_match_the_towers_rotary(tiny_model):
+    batch = build_batch(tiny_model.config, [Sample(images=[(8, 8)])])  # 2x2 windows: window order is not raster order
+    seen = {}
+    hook = tiny_model.model.visual.blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(pe=kwargs["position_embeddings"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        state = tiny_model.encode_image_state(batch["pixel_values"], batch["image_grid_thw"], batch["input_ids"])
+    hook.remove()
+    assert "pos_embeds" not in vars(state.vision), "the rotary must not be recomputed before the decoder asks for it"
+    cos, sin = state.pos_embeds
+    # window order: the (cos, sin) the tower itself gave its blocks, row for row
+    torch.testing.assert_close(cos, seen["pe"][0].float())
+    torch.testing.assert_close(sin, seen["pe"][1].float())
+    assert state.pos_embeds[0] is cos, "derived once, then cached"
+    assert state.high_res_embeds.shape == (64, tiny_model.config.vision_config.hidden_size)
+
+
+def test_generate_hidden_states_and_state_fields_match_a_full_forward(tiny_model):
+    cfg = tiny_model.config
+    V = cfg.vrt_base_id
+    batch = build_batch(cfg, [Sample(images=[(4, 4)]), Sample(images=[(4, 6)], text=[3])])
+    prompt = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        gen = tiny_model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                  return_dict_in_generate=True)
+    seq = gen.sequences
+    assert bool((seq[:, prompt:] >= V).all()), "the test needs generated VRTs fed back through the decode steps"
+    full_mask = torch.cat([batch["attention_mask"], torch.ones_like(seq[:, prompt:])], 1)
+    with torch.no_grad():
+        full = tiny_model(input_ids=seq, attention_mask=full_mask, pixel_values=batch["pixel_values"],
+                          image_grid_thw=batch["image_grid_thw"], use_cache=False)
+    # the hidden state that predicted token t is the full forward's state at position prompt - 1 + t
+    torch.testing.assert_close(gen.vrt_hidden_states, full.last_hidden_state[:, prompt - 1:-1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gen.past_logit_mask, full.past_logit_mask)
+    for got, want in zip(gen.past_visual_pe, full.past_visual_pe):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gen.past_high_res_image_embeds, full.past_high_res_image_embeds)
+    assert not gen.padt_state.generating
+
+
+def test_generate_checks_vrt_ids_given_in_the_prompt(tiny_model):
+    cfg = tiny_model.config
+    two = build_batch(cfg, [Sample(images=[(4, 4)], tail=[("vrt", 0, 1)]), Sample(images=[(4, 4)])])
+    two["input_ids"][0, -1] = cfg.vrt_base_id + 5  # a cell of row 1's image
+    with torch.no_grad(), pytest.raises(ValueError, match="may only refer to its own images"):
+        tiny_model.generate(**two, max_new_tokens=2, do_sample=False)
+
+
+def _profiled_ops(model, batch, new_tokens):
+    """(aten op events of the prefill, per decode token, sequences) of one greedy generate."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    ends = []
+    hook = model.register_forward_hook(lambda *args: ends.append(time.time_ns()))
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        model.generate(**batch, **kw)  # warm-up
+        ends.clear()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            seq = model.generate(**batch, **kw)
+    hook.remove()
+    counts = [0, 0]
+    for event in prof.profiler.kineto_results.events():
+        if event.name() != "[memory]":
+            counts[event.start_ns() >= ends[0]] += 1
+    return counts[0], counts[1] / (new_tokens - 1), seq
+
+
+@pytest.mark.parametrize("text_steps", [True, False], ids=["text-steps", "vrt-steps"])
+def test_op_overhead_over_vanilla_qwen_stays_small(text_steps):
+    """PaDT adds few aten ops to vanilla Qwen2.5-VL (same base weights): per decode step one id scan, the prototype
+    logits and their concatenation (VRT steps also embed the prototype); per prefill the prototypes and the image
+    state, but no rotary / window-index recomputation (only the decoder needs those). Bounds: measured + margin."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    model = make_tiny_model()
+    if text_steps:  # prototypes 0: every VRT logit is 0 and greedy decoding picks the best text token (logit > 0)
+        torch.nn.init.zeros_(model.vis_norm.weight)
+        torch.nn.init.zeros_(model.vis_norm.bias)
+    cfg = model.config.to_dict()
+    for k in ("vl_decoder", "use_visual_prototype_projection", "visual_prototype_rank", "vrt_feature_order",
+              "decoder_attn_implementation", "mask_unused_token_rows", "num_tokenizer_tokens"):
+        cfg.pop(k)
+    vanilla = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(cfg)).eval()
+    vanilla.load_state_dict(model.state_dict(), strict=False)
+    batch = build_batch(model.config, [Sample(images=[(8, 8)], text=[1, 2, 3, 4, 5, 6])])
+    batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
+    padt_prefill, padt_step, seq = _profiled_ops(model, batch, 6)
+    vanilla_prefill, vanilla_step, _ = _profiled_ops(vanilla, batch, 6)
+    new = seq[:, batch["input_ids"].shape[1]:]
+    assert bool((new < model.config.vrt_base_id).all() if text_steps else (new >= model.config.vrt_base_id).all())
+    # measured (torch 2.13, transformers 5.23): +12 per text step, +33 per VRT step, +55 per prefill; before the
+    # per-op work: +24, +101 and +371
+    extra_step, extra_prefill = padt_step - vanilla_step, padt_prefill - vanilla_prefill
+    assert extra_step <= (16 if text_steps else 40), f"{extra_step:.1f} extra aten ops per decode step"
+    assert extra_prefill <= 80, f"{extra_prefill} extra aten ops in the prefill"
+
+
+def test_embed_with_prototypes_reads_each_table_only_where_it_applies():
+    from padt.embedding import embed_with_prototypes
+
+    torch.manual_seed(0)
+    V, H = 10, 4
+    table = torch.nn.Embedding(V, H)
+    prototypes = torch.randn(3, H, requires_grad=True)
+    ids = torch.tensor([[1, V + 2, 9, V + 0], [V + 1, 0, 3, 4]])
+    out = embed_with_prototypes(ids, table, prototypes, V)
+    want = torch.stack([torch.stack([prototypes[i - V] if i >= V else table.weight[i] for i in row]) for row in ids])
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    # each prototype's gradient counts only its own VRT positions (text positions read prototype 0 but are not kept)
+    torch.testing.assert_close(prototypes.grad, torch.ones(3, 1).expand(3, H))
+    assert table.weight.grad[9].eq(1).all(), "text id 9 is used once; VRT positions (clamped to row 9) add nothing"

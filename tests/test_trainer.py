@@ -354,3 +354,25 @@ def test_deepspeed_tiny_run_on_cpu(workspace, tmp_path, stage, lora):
 
     _, info = PaDTForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_decoder_lr_scale_gives_the_decoder_its_own_rate(workspace, tmp_path):
+    trainer = build(workspace, train_args(tmp_path, decoder_lr_scale=4.0, weight_decay=0.1,
+                                          lr_scheduler_type="linear", max_steps=10))
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    decoder = {id(p) for n, p in trainer.model.named_parameters() if n.startswith("vl_decoder.")}
+    other = {id(p) for n, p in trainer.model.named_parameters() if p.requires_grad and id(p) not in decoder}
+    groups = [g for g in trainer.optimizer.param_groups if g["params"]]
+    seen = set()
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= decoder or ids <= other  # no group mixes the two
+        assert g["initial_lr"] == pytest.approx(2e-3 * (4.0 if ids <= decoder else 1.0))
+        seen |= ids
+    assert seen == decoder | other  # every trainable parameter is optimised, once
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.1}  # the Trainer's decay split is kept
+    trainer.lr_scheduler.step()
+    ratios = {g["lr"] / g["initial_lr"] for g in groups}
+    assert len({round(r, 9) for r in ratios}) == 1  # one schedule for both rates
+    with pytest.raises(ValueError, match="decoder_lr_scale"):
+        train_args(tmp_path, decoder_lr_scale=0.0)
