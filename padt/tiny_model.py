@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mrope-section", type=int, nargs=3, default=None, metavar=("T", "H", "W"))
     ap.add_argument("--vision-rope-theta", type=float, default=10000.0)
     ap.add_argument("--vrt-feature-order", choices=("window", "merge_block"), default="window")
+    ap.add_argument("--no-prototype-projection", action="store_true",
+                    help="prototypes = the merged image embeddings themselves (the paper's ablation)")
     ap.add_argument("--min-pixels", type=int, default=None)
     ap.add_argument("--max-pixels", type=int, default=None)
     a = ap.parse_args(argv)
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         text_hidden_size=a.text_hidden_size, text_layers=a.text_layers, vision_hidden_size=a.vision_hidden_size,
         vision_depth=a.vision_depth, vision_heads=a.vision_heads, window_size=a.window_size,
         text_rope_theta=a.text_rope_theta, mrope_section=a.mrope_section, vision_rope_theta=a.vision_rope_theta,
-        vrt_feature_order=a.vrt_feature_order,
+        vrt_feature_order=a.vrt_feature_order, use_visual_prototype_projection=not a.no_prototype_projection,
     )
 
 

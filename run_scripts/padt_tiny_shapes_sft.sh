@@ -14,12 +14,14 @@ Usage: bash run_scripts/padt_tiny_shapes_sft.sh OUTPUT_DIR [extra padt.train fla
 About 30 minutes on 2 CPU cores. The trained model (OUTPUT_DIR/run) is what padt/assets/tiny_default ships.
 
 Arguments:
-  OUTPUT_DIR            folder for data, init, run and eval (created)
+  OUTPUT_DIR            folder for data, init, run and eval (created); a rerun reuses what is there
   extra flags           passed to 'python -m padt.train', e.g. --max_steps 200 --num_vrt all --robust_ce false
 
 Environment:
   NUM_IMAGES (4000)     training scenes           NUM_VAL (300)      held-out scenes
   SEED (0)              data seed                 EVAL (1)           evaluate after training
+  DATA_DIR              data folder to use or create (default OUTPUT_DIR/data; the ablations share one)
+  INIT_FLAGS            extra flags for 'python -m padt.tiny_model', e.g. --no-prototype-projection
   EVAL_LIMIT (0)        evaluate only the first N held-out samples per task (0 = all)
   PYTHON (python)       interpreter with padt installed
   OMP_NUM_THREADS (2)   torch threads
@@ -36,7 +38,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-DATA="${OUT}/data"
+DATA="${DATA_DIR:-${OUT}/data}"
 PIXELS=28224  # 168 x 168: the scenes' size, so the processor keeps them as they are (6 x 6 merged cells)
 
 if [[ ! -f "${DATA}/manifest.json" ]]; then
@@ -51,7 +53,7 @@ if [[ ! -f "${OUT}/init/config.json" ]]; then
     "${PYTHON}" -m padt.tiny_model --out "${OUT}/init" --training-start --seed 0 \
         --text-hidden-size 128 --text-layers 4 --vision-hidden-size 64 --vision-depth 4 --vision-heads 4 \
         --window-size 224 --text-rope-theta 10 --mrope-section 2 7 7 --vision-rope-theta 100 \
-        --vrt-feature-order merge_block --min-pixels "${PIXELS}" --max-pixels "${PIXELS}"
+        --vrt-feature-order merge_block --min-pixels "${PIXELS}" --max-pixels "${PIXELS}" ${INIT_FLAGS:-}
 fi
 
 "${PYTHON}" -m padt.train --config "${ROOT}/configs/train/tiny_shapes.yaml" \

@@ -381,3 +381,17 @@ def test_eval_all_script_builds_every_command(data, tmp_path):
     assert "refcoco_val.json" in commands[0] and "refcocog_test.json" in commands[0]
     assert "skipping missing" in done.stderr and "refcoco+_val.json" in done.stderr
     assert "instances_val2017.json" in done.stderr  # the missing COCO file is reported, not silently dropped
+
+
+def test_table_cli_puts_several_runs_side_by_side(tmp_path, capsys):
+    from padt.evaluation.table import main as table_main
+
+    for name, acc in (("full", 0.9), ("no_proj", 0.5)):
+        (tmp_path / name).mkdir()
+        entry = {"protocol": "standard", "metrics": {"Acc@0.5": acc, "mean_IoU": acc - 0.1}, "info": {"n_samples": 4}}
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"refer_val": {"rec": entry}}))
+    assert table_main([f"full={tmp_path / 'full'}", f"no_proj={tmp_path / 'no_proj'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if ":" in line}
+    assert rows["full:refer_val"][-1] == "90.0" and rows["no_proj:refer_val"][-1] == "50.0"
+    assert table_main([str(tmp_path / "missing")]) == 2

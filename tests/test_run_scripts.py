@@ -99,11 +99,29 @@ def test_tiny_script_usage():
     assert proc.returncode == 2 and "Usage" in proc.stdout
 
 
+@pytest.mark.parametrize("name, words", [
+    ("padt_tiny_shapes_sft.sh", ["OUTPUT_DIR", "NUM_IMAGES", "DATA_DIR", "INIT_FLAGS", "EVAL_LIMIT"]),
+    ("padt_tiny_shapes_ablations.sh", ["OUTPUT_DIR", "MAX_STEPS", "VARIANTS", "no_projection", "no_robust_ce",
+                                       "all_vrt"]),
+])
+def test_shapes_scripts_usage(name, words):
+    proc = run(["bash", str(RUN_SCRIPTS / name), "--help"])
+    assert proc.returncode == 0 and all(w in proc.stdout for w in words), proc.stdout
+    proc = run(["bash", str(RUN_SCRIPTS / name)])
+    assert proc.returncode == 2 and "Usage" in proc.stdout
+
+
+def test_shapes_ablations_reject_an_unknown_variant(tmp_path):
+    env = {**os.environ, "VARIANTS": "no_such_variant", "PYTHON": sys.executable}
+    proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_ablations.sh"), str(tmp_path)], env=env)
+    assert proc.returncode == 2 and "unknown variant 'no_such_variant'" in proc.stderr
+
+
 def test_entry_point_help_names_the_padt_arguments():
     proc = run([sys.executable, "-m", "padt.train", "--help"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     for arg in ("--model_name_or_path", "--data_file_paths", "--image_folders", "--data_config", "--num_vrt",
-                "--robust_ce", "--use_mask_loss", "--warmup_prototype_steps", "--use_lora", "--freeze_vision",
+                "--robust_ce", "--use_mask_loss", "--warmup_prototype_steps", "--use_lora", "--freeze_vision", "--decoder_lr_scale",
                 "--use_visual_prototype_projection", "--attn_implementation", "--min_pixels", "--max_pixels"):
         assert arg in proc.stdout, arg
 
@@ -140,7 +158,7 @@ def test_data_mixtures_load():
     assert all(s.image_folder for mix in mixes.values() for s in mix)
 
 
-@pytest.mark.parametrize("name", ["sft_3b", "sft_7b", "tiny_cpu"])
+@pytest.mark.parametrize("name", ["sft_3b", "sft_7b", "tiny_cpu", "tiny_shapes"])
 def test_train_configs_parse(name, tmp_path):
     from padt.train_args import parse_train_args
 
@@ -151,6 +169,10 @@ def test_train_configs_parse(name, tmp_path):
         assert script.model_name_or_path.endswith("Instruct")
     else:
         assert args.max_steps > 0 and not args.bf16
+    if name == "tiny_shapes":  # the shipped model's recipe: the shapes' pixel count, the authors' loss weights
+        assert script.min_pixels == script.max_pixels == 168 * 168
+        assert args.max_steps == 3000 and args.learning_rate == 2e-3 and args.vrt_per_object == 5
+        assert set(args.loss_weights().values()) == {1.0}
 
 
 # ============================================================================ the tiny CPU recipe, 2 processes

@@ -1,6 +1,7 @@
 """Print the metrics of a run directory as one table per task.
 
     python -m padt.evaluation.table OUT_DIR      # reads OUT_DIR/metrics.json (or the <split>/metrics.json files)
+    python -m padt.evaluation.table full=A/eval no_proj=B/eval    # several runs side by side, rows "name:split"
 """
 
 from __future__ import annotations
@@ -67,13 +68,21 @@ def load_summary(out_dir: str | Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out_dir", help="an --out directory of eval/evaluate.py")
+    ap.add_argument("out_dirs", nargs="+", metavar="[NAME=]OUT_DIR",
+                    help="--out directories of eval/evaluate.py; with several, rows are named NAME:split (NAME "
+                         "defaults to the directory)")
     ap.add_argument("--all", action="store_true", help="every metric, not only the headline ones")
     args = ap.parse_args(argv)
-    if not Path(args.out_dir).is_dir():
-        print(f"no such directory: {args.out_dir}", file=sys.stderr)
+    runs = [arg.split("=", 1) if "=" in arg else [arg, arg] for arg in args.out_dirs]
+    missing = [d for _, d in runs if not Path(d).is_dir()]
+    if missing:
+        print(f"no such directory: {', '.join(missing)}", file=sys.stderr)
         return 2
-    print(format_table(load_summary(args.out_dir), all_columns=args.all))
+    if len(runs) == 1:
+        summary = load_summary(runs[0][1])
+    else:
+        summary = {f"{name}:{split}": entry for name, d in runs for split, entry in load_summary(d).items()}
+    print(format_table(summary, all_columns=args.all))
     return 0
 
 

@@ -1,0 +1,51 @@
+"""Package a trained shapes model as the shipped default (`padt/assets/tiny_default`): weights, processor files, a sample
+scene, the training data's options and seed, and a model card with the evaluation figures.
+
+    python src/package_shapes_model.py --run OUT/run --data OUT/data --eval OUT/eval --out padt/assets/tiny_default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja", "processor_config.json", "padt_processor.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="trained model folder (padt.train --output_dir)")
+    ap.add_argument("--data", required=True, help="the shapes data folder it was trained on (has manifest.json)")
+    ap.add_argument("--eval", default=None, help="eval/evaluate.py --out folder of the model (metrics for the card)")
+    ap.add_argument("--out", required=True, help="destination folder (its model files are replaced)")
+    ap.add_argument("--sample", default="images/val_000000.png", help="image (relative to --data) shipped as sample.png")
+    args = ap.parse_args(argv)
+
+    run, data, out = Path(args.run), Path(args.data), Path(args.out)
+    missing = [f for f in MODEL_FILES if not (run / f).is_file()]
+    if missing:
+        raise SystemExit(f"{run} lacks {missing}: pass the final model folder of a padt.train run")
+    manifest = json.loads((data / "manifest.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        shutil.copy2(run / name, out / name)
+    shutil.copy2(data / args.sample, out / "sample.png")
+    training_data = {k: v for k, v in manifest.items() if k != "files"}
+    (out / "training_data.json").write_text(json.dumps(training_data, indent=1) + "\n")
+    state = run / "trainer_state.json"
+    if state.is_file():
+        history = json.loads(state.read_text())["log_history"]
+        (out / "training_log.json").write_text(json.dumps([e for e in history if "loss_ce" in e]) + "\n")
+    if args.eval:
+        from padt.evaluation.table import format_table, load_summary
+
+        table = format_table(load_summary(args.eval))
+        (out / "metrics.txt").write_text(table + "\n")
+    print(f"packaged {run} into {out}")
+
+
+if __name__ == "__main__":
+    main()
