@@ -235,7 +235,7 @@ def test_resume_with_the_real_tiny_model(data, tmp_path):
     from padt.predictor import PaDTPredictor
 
     def load(fail_after=None):
-        real = PaDTPredictor.from_pretrained(TINY, device="cpu", max_new_tokens=4)
+        real = PaDTPredictor.from_pretrained(TINY, device="cpu", max_new_tokens=48)
 
         class Interrupting:
             calls = 0
@@ -248,7 +248,7 @@ def test_resume_with_the_real_tiny_model(data, tmp_path):
 
         return Interrupting()
 
-    opts = EvalOptions(task="res", batch_size=1, max_new_tokens=4, progress=False, limit=4)
+    opts = EvalOptions(task="res", batch_size=1, max_new_tokens=48, progress=False, limit=4)
     full = tmp_path / "full"
     evaluate_split(load, data["refcoco_val"], data["images"], full, opts, model_id=str(TINY))
     out = tmp_path / "resumed"

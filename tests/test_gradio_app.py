@@ -69,7 +69,7 @@ def test_predict_fn_returns_the_drawings():
 
 
 def test_predict_fn_with_the_tiny_model():
-    app = DemoApp.from_pretrained(TINY, device="cpu", max_new_tokens=4)
+    app = DemoApp.from_pretrained(TINY, device="cpu", max_new_tokens=48)
     completion, boxes, masks, cells = app.predict(Image.open(TINY / "sample.png"), "ric", "")
     assert "<|VRT_" in completion
     assert boxes.size == masks.size == cells.size == Image.open(TINY / "sample.png").size
