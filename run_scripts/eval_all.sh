@@ -27,10 +27,8 @@ Environment:
 USAGE
 }
 
-if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    usage
-    [[ $# -ge 1 ]] && exit 0 || exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_local.sh"
+padt_local_start "$@"
 CKPT="$1"
 shift
 OUT="outputs/eval/$(basename "${CKPT%/}")"
@@ -41,7 +39,6 @@ fi
 [[ "${1:-}" == "--" ]] && shift
 EXTRA=("$@")
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DATA_ROOT=${DATA_ROOT:-data}
 COCO_ROOT=${COCO_ROOT:-data/coco}
 PROTOCOL=${PROTOCOL:-paper}
@@ -50,7 +47,6 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 MASTER_PORT=${MASTER_PORT:-29531}
 BATCH_SIZE=${BATCH_SIZE:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-1024}
-PYTHON=${PYTHON:-python}
 
 # ---------------------------------------------------------------- launcher
 if [[ "$NPROC_PER_NODE" -gt 1 ]]; then

@@ -22,16 +22,11 @@ Environment:
 USAGE
 }
 
-if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    usage
-    [[ $# -ge 1 ]] && exit 0 || exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_local.sh"
+padt_local_start "$@"
 OUT="$1"
 shift
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python}"
 NPROC="${NPROC_PER_NODE:-1}"
-export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 if [[ ! -f "${OUT}/data/train.jsonl" || ! -f "${OUT}/model/config.json" ]]; then

@@ -22,15 +22,10 @@ Environment:
 USAGE
 }
 
-if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    usage
-    [[ $# -ge 1 ]] && exit 0 || exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_local.sh"
+padt_local_start "$@"
 OUT="$1"
 shift
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python}"
-export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 STEPS="${MAX_STEPS:-1000}"
 
 run_variant() {

@@ -28,15 +28,10 @@ Environment:
 USAGE
 }
 
-if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    usage
-    [[ $# -ge 1 ]] && exit 0 || exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_local.sh"
+padt_local_start "$@"
 OUT="$1"
 shift
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python}"
-export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 DATA="${DATA_DIR:-${OUT}/data}"
 PIXELS=28224  # 168 x 168: the scenes' size, so the processor keeps them as they are (6 x 6 merged cells)
