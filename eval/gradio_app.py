@@ -2,7 +2,7 @@
 cells. Needs the `demo` extra (pip install -e .[demo]).
 
     python eval/gradio_app.py --model PaDT-MLLM/PaDT_Pro_3B            # http://127.0.0.1:7860
-    python eval/gradio_app.py                                          # the shipped tiny (untrained) model
+    python eval/gradio_app.py                                          # the shipped tiny shapes model
 
 Binds 127.0.0.1 (this machine only). To serve other machines, pass --host 0.0.0.0 knowingly: there is no login.
 """

@@ -125,8 +125,8 @@ def build_tiny_checkpoint(
 ) -> None:
     """Save a tiny PaDT model (random weights), its processor and `sample.png` to `out_dir`.
 
-    `placeholder=True` gives the prototype norm weight 1 so that an untrained model can emit VRTs (the demo's
-    placeholder default); `False` keeps the authors' zero init (a training start). `config_kwargs` go to
+    `placeholder=True` gives the prototype norm weight 1 so that an untrained model can emit VRTs (pipeline tests);
+    `False` keeps the authors' zero init (a training start). `config_kwargs` go to
     `tiny_padt_config` (sizes); `min_pixels`/`max_pixels` to the image processor.
     """
     import os
