@@ -165,7 +165,7 @@ class PaDTTrainer(Trainer):
         if scale == 1.0 or getattr(self, "_decoder_groups_split", False):
             return optimizer
         target = self.model if model is None else model
-        decoder = {id(p) for n, p in target.named_parameters() if n.split(".").count("vl_decoder")}
+        decoder = {id(p) for n, p in target.named_parameters() if "vl_decoder" in n.split(".")}
         if not decoder:
             raise ValueError("decoder_lr_scale is set but the model has no vl_decoder parameters")
         for group in list(optimizer.param_groups):

@@ -34,12 +34,15 @@ OUT="$1"
 shift
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 DATA="${DATA_DIR:-${OUT}/data}"
-PIXELS=28224  # 168 x 168: the scenes' size, so the processor keeps them as they are (6 x 6 merged cells)
 
 if [[ ! -f "${DATA}/manifest.json" ]]; then
     "${PYTHON}" "${ROOT}/src/preprocess/make_shapes.py" --out "${DATA}" --num-images "${NUM_IMAGES:-4000}" \
         --num-val-images "${NUM_VAL:-300}" --seed "${SEED:-0}"
 fi
+
+# min_pixels = max_pixels = the scenes' pixel count (manifest.json), so the processor keeps them as they are
+PIXELS="$("${PYTHON}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["processor"]["max_pixels"])' \
+    "${DATA}/manifest.json")"
 
 # The real Qwen2.5-VL architecture at toy sizes. Rotary settings: at these head sizes Qwen's defaults (text theta 1e6,
 # mrope 8/4/4; vision theta 1e4) leave image rows and columns almost unrotated, so a model trained from scratch could
@@ -56,6 +59,7 @@ fi
     --data_file_paths "${DATA}/refer_train.jsonl:${DATA}/ovd_train.jsonl:${DATA}/ric_train.jsonl" \
     --image_folders "${DATA}/images:${DATA}/images:${DATA}/images" \
     --output_dir "${OUT}/run" \
+    --min_pixels "${PIXELS}" --max_pixels "${PIXELS}" \
     "$@"
 
 if [[ "${EVAL:-1}" != "0" ]]; then
@@ -71,8 +75,6 @@ if [[ "${EVAL:-1}" != "0" ]]; then
         --no-progress "${LIMIT[@]}"
     "${PYTHON}" "${ROOT}/eval/evaluate.py" --model "${OUT}/run" --task ric --data "${DATA}/ric_val.jsonl" \
         --images "${DATA}/images" --out "${OUT}/eval" --batch-size 16 --no-progress "${LIMIT[@]}"
-fi
-if [[ "${EVAL:-1}" != "0" ]]; then
     "${PYTHON}" -m padt.evaluation.table "${OUT}/eval"
 fi
 echo "done: model ${OUT}/run, metrics ${OUT}/eval"

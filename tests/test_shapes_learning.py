@@ -56,10 +56,10 @@ def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("shapes_learning")
     data = root / "data"
     generate_dataset(data, {"train": 24}, seed=3, config=SMALL_SCENES)
-    pixels = 112 * 112
+    pixels = SMALL_SCENES.height * SMALL_SCENES.width  # min = max: the processor keeps the scenes as they are
     build_tiny_checkpoint(
         str(root / "init"), seed=0, placeholder=False, min_pixels=pixels, max_pixels=pixels,
-        text_hidden_size=64, text_layers=2, vision_hidden_size=32, vision_depth=2, vision_heads=2, window_size=112,
+        text_hidden_size=64, text_layers=2, vision_hidden_size=32, vision_depth=2, vision_heads=2, window_size=SMALL_SCENES.width,
         text_rope_theta=10.0, mrope_section=[2, 3, 3], vision_rope_theta=100.0, vrt_feature_order="merge_block",
     )
     run = root / "run"
