@@ -54,10 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="/work/shared/bench", help="folder with the bench config.json")
     p.add_argument("--processor", default="/work/shared/bench/processor", help="folder with tokenizer + image config")
-    p.add_argument("--reps", type=int, default=120, help="accepted interleaved rounds wanted (after --warmup)")
+    p.add_argument("--reps", type=int, default=300, help="accepted interleaved rounds wanted (after --warmup)")
     p.add_argument("--max-foreign-cores", type=float, default=0.2,
                    help="reject a round when other processes kept more cores busy than this (negative: keep all)")
-    p.add_argument("--max-timing-seconds", type=float, default=150.0,
+    p.add_argument("--max-timing-seconds", type=float, default=420.0,
                    help="stop adding rounds after this long even if fewer than --reps were accepted")
     p.add_argument("--warmup", type=int, default=2, help="untimed generate calls per model before timing")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -316,7 +316,9 @@ def build_report(timings: dict, alloc: dict, rss: dict | None, meta: dict) -> di
     for key, label, authors, target in METRICS:
         if key in TIMED:
             values = {v: common.summarize(timings[v][key]).as_dict() for v in VARIANTS}
-            ratio = common.summarize(common.paired_ratios(timings["padt"][key], timings["vanilla"][key])).as_dict()
+            paired = common.paired_ratios(timings["padt"][key], timings["vanilla"][key])
+            ratio = common.summarize(paired).as_dict()
+            ratio["median_ci95"] = list(common.median_ci(paired))
         elif key in PROFILED:
             values = {v: {"median": alloc[v][key], "p25": alloc[v][key], "p75": alloc[v][key], "n": 1}
                       for v in VARIANTS}
@@ -428,6 +430,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntimed ratios over {rounds.n_accepted if clean else len(rounds.accepted)} interleaved rounds; other "
           f"processes kept {mean_used} of {os.cpu_count()} cores busy on average in those ({mean_all} over all "
           f"{len(rounds.accepted)} rounds); wall time {report['meta']['wall_s']:.0f} s")
+    for key in TIMED:
+        row = report["metrics"][key]
+        lo, hi = row["ratio"]["median_ci95"]
+        print(f"{row['label']}: median ratio {row['ratio']['median']:.3f}, 95 % bootstrap CI of the median "
+              f"[{lo:.3f}, {hi:.3f}]")
     if not clean:
         print("WARNING: the machine was busy: timed ratios come from rounds with competing processes and are noise "
               "(the profiled and RSS figures are not affected); rerun on an idle machine")
