@@ -21,6 +21,8 @@ Environment:
   NUM_IMAGES (4000)     training scenes           NUM_VAL (300)      held-out scenes
   SEED (0)              data seed                 EVAL (1)           evaluate after training
   DATA_DIR              data folder to use or create (default OUTPUT_DIR/data; the ablations share one)
+  EXTRA_DATA_DIRS       more generated training sets to mix in, space-separated (made beforehand with
+                        src/preprocess/make_shapes.py and another --seed; same image size; evaluation stays on DATA_DIR)
   INIT_FLAGS            extra flags for 'python -m padt.tiny_model', e.g. --no-prototype-projection
   EVAL_LIMIT (0)        evaluate only the first N held-out samples per task (0 = all)
   PYTHON (python)       interpreter with padt installed
@@ -41,8 +43,27 @@ if [[ ! -f "${DATA}/manifest.json" ]]; then
 fi
 
 # min_pixels = max_pixels = the scenes' pixel count (manifest.json), so the processor keeps them as they are
-PIXELS="$("${PYTHON}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["processor"]["max_pixels"])' \
-    "${DATA}/manifest.json")"
+manifest_pixels() {
+    "${PYTHON}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["processor"]["max_pixels"])' "$1/manifest.json"
+}
+PIXELS="$(manifest_pixels "${DATA}")"
+
+# REC/RES + OVD + RIC of every training set, one image folder per file
+FILES="" FOLDERS=""
+for D in "${DATA}" ${EXTRA_DATA_DIRS:-}; do
+    if [[ ! -f "${D}/manifest.json" ]]; then
+        echo "error: ${D} has no manifest.json (EXTRA_DATA_DIRS must hold generated shapes sets)" >&2
+        exit 2
+    fi
+    if [[ "$(manifest_pixels "${D}")" != "${PIXELS}" ]]; then
+        echo "error: ${D} has $(manifest_pixels "${D}")-pixel scenes, ${DATA} has ${PIXELS}: one image size per model" >&2
+        exit 2
+    fi
+    for TASK in refer ovd ric; do
+        FILES="${FILES:+${FILES}:}${D}/${TASK}_train.jsonl"
+        FOLDERS="${FOLDERS:+${FOLDERS}:}${D}/images"
+    done
+done
 
 # The real Qwen2.5-VL architecture at toy sizes. Rotary settings: at these head sizes Qwen's defaults (text theta 1e6,
 # mrope 8/4/4; vision theta 1e4) leave image rows and columns almost unrotated, so a model trained from scratch could
@@ -56,8 +77,8 @@ fi
 
 "${PYTHON}" -m padt.train --config "${ROOT}/configs/train/tiny_shapes.yaml" \
     --model_name_or_path "${OUT}/init" \
-    --data_file_paths "${DATA}/refer_train.jsonl:${DATA}/ovd_train.jsonl:${DATA}/ric_train.jsonl" \
-    --image_folders "${DATA}/images:${DATA}/images:${DATA}/images" \
+    --data_file_paths "${FILES}" \
+    --image_folders "${FOLDERS}" \
     --output_dir "${OUT}/run" \
     --min_pixels "${PIXELS}" --max_pixels "${PIXELS}" \
     "$@"

@@ -2,6 +2,10 @@
 scene, the training data's options and seed, and a model card with the evaluation figures.
 
     python src/package_shapes_model.py --run OUT/run --data OUT/data --eval OUT/eval --out padt/assets/tiny_default
+
+A model trained on several generated sets (e.g. a continuation on scenes of another seed) lists them all: `--data
+FIRST MORE...`. The first set gives the sample scene and the options; every set must have the same options, and
+`training_data.json` then records each set's seed and counts under `training_sets`.
 """
 
 from __future__ import annotations
@@ -18,22 +22,33 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="trained model folder (padt.train --output_dir)")
-    ap.add_argument("--data", required=True, help="the shapes data folder it was trained on (has manifest.json)")
+    ap.add_argument("--data", required=True, nargs="+",
+                    help="the shapes data folder(s) it was trained on (each has manifest.json); the first gives the sample")
     ap.add_argument("--eval", default=None, help="eval/evaluate.py --out folder of the model (metrics for the card)")
     ap.add_argument("--out", required=True, help="destination folder (its model files are replaced)")
     ap.add_argument("--sample", default="images/val_000000.png", help="image (relative to --data) shipped as sample.png")
     args = ap.parse_args(argv)
 
-    run, data, out = Path(args.run), Path(args.data), Path(args.out)
+    run, out = Path(args.run), Path(args.out)
+    data_dirs = [Path(d) for d in args.data]
+    data = data_dirs[0]
     missing = [f for f in MODEL_FILES if not (run / f).is_file()]
     if missing:
         raise SystemExit(f"{run} lacks {missing}: pass the final model folder of a padt.train run")
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in data_dirs]
+    manifest = manifests[0]
+    differing = [str(d) for d, m in zip(data_dirs, manifests) if m["options"] != manifest["options"]]
+    if differing:
+        raise SystemExit(f"{differing} were generated with other options than {data}: one model, one scene style")
     out.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         shutil.copy2(run / name, out / name)
     shutil.copy2(data / args.sample, out / "sample.png")
     training_data = {k: v for k, v in manifest.items() if k != "files"}
+    if len(manifests) > 1:
+        training_data["training_sets"] = [
+            {"seed": m["seed"], "splits": {k: v for k, v in m["splits"].items() if k == "train"}} for m in manifests
+        ]
     (out / "training_data.json").write_text(json.dumps(training_data, indent=1) + "\n")
     state = run / "trainer_state.json"
     if state.is_file():

@@ -100,7 +100,7 @@ def test_tiny_script_usage():
 
 
 @pytest.mark.parametrize("name, words", [
-    ("padt_tiny_shapes_sft.sh", ["OUTPUT_DIR", "NUM_IMAGES", "DATA_DIR", "INIT_FLAGS", "EVAL_LIMIT"]),
+    ("padt_tiny_shapes_sft.sh", ["OUTPUT_DIR", "NUM_IMAGES", "DATA_DIR", "EXTRA_DATA_DIRS", "INIT_FLAGS", "EVAL_LIMIT"]),
     ("padt_tiny_shapes_ablations.sh", ["OUTPUT_DIR", "MAX_STEPS", "VARIANTS", "no_projection", "no_robust_ce",
                                        "all_vrt"]),
 ])
@@ -115,6 +115,21 @@ def test_shapes_ablations_reject_an_unknown_variant(tmp_path):
     env = {**os.environ, "VARIANTS": "no_such_variant", "PYTHON": sys.executable}
     proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_ablations.sh"), str(tmp_path)], env=env)
     assert proc.returncode == 2 and "unknown variant 'no_such_variant'" in proc.stderr
+
+
+def test_shapes_script_refuses_extra_sets_it_cannot_mix(tmp_path):
+    """EXTRA_DATA_DIRS: a folder without a generated set, or scenes of another size, stop the script before it builds
+    or trains anything."""
+    from padt.shapes import ShapesConfig, generate_dataset
+
+    generate_dataset(tmp_path / "main", {"train": 1}, seed=0, config=ShapesConfig(height=56, width=56, max_objects=1))
+    generate_dataset(tmp_path / "big", {"train": 1}, seed=1, config=ShapesConfig(height=84, width=84, max_objects=1))
+    script = str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh")
+    for extra, message in ((tmp_path / "nothing", "has no manifest.json"), (tmp_path / "big", "one image size")):
+        env = {"DATA_DIR": str(tmp_path / "main"), "EXTRA_DATA_DIRS": str(extra), "PYTHON": sys.executable}
+        proc = run(["bash", script, str(tmp_path / "out")], env=env)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "init").exists()
 
 
 def test_entry_point_help_names_the_padt_arguments():
