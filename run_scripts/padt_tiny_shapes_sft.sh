@@ -55,8 +55,9 @@ for D in "${DATA}" ${EXTRA_DATA_DIRS:-}; do
         echo "error: ${D} has no manifest.json (EXTRA_DATA_DIRS must hold generated shapes sets)" >&2
         exit 2
     fi
-    if [[ "$(manifest_pixels "${D}")" != "${PIXELS}" ]]; then
-        echo "error: ${D} has $(manifest_pixels "${D}")-pixel scenes, ${DATA} has ${PIXELS}: one image size per model" >&2
+    SET_PIXELS="$(manifest_pixels "${D}")"
+    if [[ "${SET_PIXELS}" != "${PIXELS}" ]]; then
+        echo "error: ${D} has ${SET_PIXELS}-pixel scenes, ${DATA} has ${PIXELS}: one image size per model" >&2
         exit 2
     fi
     for TASK in refer ovd ric; do

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     training_data = {k: v for k, v in manifest.items() if k != "files"}
     if len(manifests) > 1:
         training_data["training_sets"] = [
-            {"seed": m["seed"], "splits": {k: v for k, v in m["splits"].items() if k == "train"}} for m in manifests
+            {"seed": m["seed"], "splits": {"train": m["splits"]["train"]}} for m in manifests
         ]
     (out / "training_data.json").write_text(json.dumps(training_data, indent=1) + "\n")
     state = run / "trainer_state.json"

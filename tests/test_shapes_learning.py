@@ -22,7 +22,6 @@ from padt.tiny_model import build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "padt" / "assets" / "tiny_default"
-TRAIN_SEED = 0  # the seed of the shipped model's training data (run_scripts/padt_tiny_shapes_sft.sh)
 
 
 def rec_accuracy(model_dir: Path, data_dir: Path, split: str, out_dir: Path) -> dict:
