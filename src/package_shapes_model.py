@@ -1,7 +1,8 @@
 """Package a trained shapes model as the shipped default (`padt/assets/tiny_default`): weights, processor files, a sample
 scene, the training data's options and seed, and a model card with the evaluation figures.
 
-    python src/package_shapes_model.py --run OUT/run --data OUT/data --eval OUT/eval --out padt/assets/tiny_default
+    python src/package_shapes_model.py --run OUT/run --data OUT/data --eval OUT/eval \
+        --vision-pretrain OUT/init_vision/vision_pretrain.json --out padt/assets/tiny_default
 
 A model trained on several generated sets (e.g. a continuation on scenes of another seed) lists them all: `--data
 FIRST MORE...`. The first set gives the sample scene and the options; every set must have the same options, and
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="the shapes data folder(s) it was trained on (each has manifest.json); the first gives the sample")
     ap.add_argument("--eval", default=None, help="eval/evaluate.py --out folder of the model (metrics for the card)")
     ap.add_argument("--out", required=True, help="destination folder (its model files are replaced)")
+    ap.add_argument("--vision-pretrain", default=None,
+                    help="vision_pretrain.json of the run's stage 0 (OUT/init_vision), copied next to the model")
     ap.add_argument("--sample", default="images/val_000000.png", help="image (relative to --data) shipped as sample.png")
     args = ap.parse_args(argv)
 
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
             {"seed": m["seed"], "splits": {"train": m["splits"]["train"]}} for m in manifests
         ]
     (out / "training_data.json").write_text(json.dumps(training_data, indent=1) + "\n")
+    if args.vision_pretrain:
+        shutil.copy2(args.vision_pretrain, out / "vision_pretrain.json")
     state = run / "trainer_state.json"
     if state.is_file():
         history = json.loads(state.read_text())["log_history"]

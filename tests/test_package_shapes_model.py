@@ -41,8 +41,12 @@ def test_two_training_sets_are_recorded_with_their_seeds(tmp_path):
 
 def test_one_set_has_no_training_sets_and_other_options_are_refused(tmp_path):
     generate_dataset(tmp_path / "a", {"train": 1, "val": 1}, seed=0, config=SCENES)
-    package.main(["--run", str(fake_run(tmp_path)), "--data", str(tmp_path / "a"), "--out", str(tmp_path / "o1")])
+    report = tmp_path / "vision_pretrain.json"
+    report.write_text('{"steps": 7}')
+    package.main(["--run", str(fake_run(tmp_path)), "--data", str(tmp_path / "a"), "--out", str(tmp_path / "o1"),
+                  "--vision-pretrain", str(report)])
     assert "training_sets" not in json.loads((tmp_path / "o1" / "training_data.json").read_text())
+    assert json.loads((tmp_path / "o1" / "vision_pretrain.json").read_text()) == {"steps": 7}
     generate_dataset(tmp_path / "c", {"train": 1}, seed=1, config=ShapesConfig(height=84, width=84, max_objects=1))
     with pytest.raises(SystemExit, match="other options"):
         package.main(["--run", str(tmp_path / "run"), "--data", str(tmp_path / "a"), str(tmp_path / "c"),
