@@ -60,6 +60,11 @@ class PaDTTrainingArguments(TrainingArguments):
         metadata={"help": "Learning rate of the decoder (vl_decoder.*) = learning_rate x this (1 = the authors' single "
                           "rate). A decoder trained from scratch next to a pretrained LLM may want a larger one."},
     )
+    vision_lr_scale: float = field(
+        default=1.0,
+        metadata={"help": "Learning rate of the vision tower (visual.*) = learning_rate x this (1 = the authors' single "
+                          "rate). Below 1 keeps more of a pretrained tower's features (see padt/vision_pretrain.py)."},
+    )
     warmup_prototype_steps: int = field(
         default=300,
         metadata={"help": "For the first N optimizer steps the decoder is fed the ground-truth VRT prototypes instead of "
@@ -130,6 +135,8 @@ class PaDTTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.decoder_lr_scale <= 0:
             raise ValueError(f"decoder_lr_scale must be > 0, got {self.decoder_lr_scale}")
+        if self.vision_lr_scale <= 0:
+            raise ValueError(f"vision_lr_scale must be > 0, got {self.vision_lr_scale}")
         if self.warmup_prototype_steps < 0:
             raise ValueError(f"warmup_prototype_steps must be >= 0, got {self.warmup_prototype_steps}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:

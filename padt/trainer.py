@@ -158,24 +158,27 @@ class PaDTTrainer(Trainer):
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer; with `decoder_lr_scale != 1` each of its parameter groups is split in two, the
-        decoder's parameters (`vl_decoder.*`) getting `lr x decoder_lr_scale` (the schedule scales both alike)."""
+        """The Trainer's optimizer, with per-module learning rates: with `decoder_lr_scale != 1` (or
+        `vision_lr_scale != 1`) each of its parameter groups is split, the decoder's parameters (`vl_decoder.*`; the
+        vision tower's, `visual.*`) getting `lr x` that scale (the schedule scales all groups alike)."""
         optimizer = super().create_optimizer(model)
-        scale = self.args.decoder_lr_scale
-        if scale == 1.0 or getattr(self, "_decoder_groups_split", False):
+        if getattr(self, "_lr_groups_split", False):
             return optimizer
         target = self.model if model is None else model
-        decoder = {id(p) for n, p in target.named_parameters() if "vl_decoder" in n.split(".")}
-        if not decoder:
-            raise ValueError("decoder_lr_scale is set but the model has no vl_decoder parameters")
-        for group in list(optimizer.param_groups):
-            mine = [p for p in group["params"] if id(p) in decoder]
-            if not mine:
+        for module, scale in (("vl_decoder", self.args.decoder_lr_scale), ("visual", self.args.vision_lr_scale)):
+            if scale == 1.0:
                 continue
-            group["params"] = [p for p in group["params"] if id(p) not in decoder]
-            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
-                                       "lr": group["lr"] * scale})
-        self._decoder_groups_split = True
+            chosen = {id(p) for n, p in target.named_parameters() if module in n.split(".")}
+            if not chosen:
+                raise ValueError(f"a learning-rate scale is set for {module} but the model has no {module} parameters")
+            for group in list(optimizer.param_groups):
+                mine = [p for p in group["params"] if id(p) in chosen]
+                if not mine:
+                    continue
+                group["params"] = [p for p in group["params"] if id(p) not in chosen]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
+                                           "lr": group["lr"] * scale})
+        self._lr_groups_split = True
         return optimizer
 
     # ------------------------------------------------------------------ loss

@@ -4,9 +4,10 @@ Real PaDT starts from Qwen2.5-VL, whose vision tower is pretrained. The tiny sha
 and trained end to end it learns colours and positions but not shape kinds: a linear probe on the merged cell
 features of the 13 000-step model tells a cell's kind in 52 % of cases (the most frequent kind alone gives 41 %), and
 its OVD labels are right for 36 % of its correctly placed boxes, chance for three kinds (docs/shapes.md). This module
-is the tiny model's stand-in for the pretrained tower: before PaDT training, the tower plus a linear head learn to
-classify each merged cell of the training images as background or the category of the object covering most of it.
-The merged features are then scaled back to their size before training (see `pretrain_vision`).
+is the tiny model's stand-in for the pretrained tower: before PaDT training, the tower plus three linear heads learn,
+for each merged cell of the training images, its class (background or the category of the object covering most of
+it), its pooled pixels and its position (`VisionCellPretrainer` says why all three). The merged features are then
+scaled back to their size before training (see `pretrain_vision`).
 
 The labels come from the training records' own object masks (`rle`) and `label`s (an OVD file: one record per image,
 all objects); no held-out data is used. Training runs through the HF `Trainer` (so it logs, checkpoints and resumes
@@ -32,11 +33,12 @@ from padt.processing import load_image
 
 __all__ = [
     "CellClassDataset",
-    "VisionCellClassifier",
+    "VisionCellPretrainer",
     "cell_class_labels",
-    "collate_cells",
     "cell_feature_rms",
     "cell_pixel_targets",
+    "cell_positions",
+    "collate_cells",
     "load_cell_records",
     "pretrain_vision",
     "rescale_cell_features",
@@ -166,25 +168,41 @@ def cell_pixel_targets(pixel_values: torch.Tensor, config: Any, pool: int = 2) -
     return pooled.reshape(-1, m * m * pooled[0].numel())
 
 
-class VisionCellClassifier(nn.Module):
-    """The Qwen2.5-VL vision tower with two linear heads on its merged output (one row per cell): the cell's class
-    (cross-entropy) and its pooled pixels (`cell_pixel_targets`, mean squared error, weight `pixel_loss_weight`).
+def cell_positions(image_grid_thw: torch.Tensor, spatial_merge_size: int) -> torch.Tensor:
+    """Centre of every merged cell as a fraction of its image's height and width, (N_cells, 2) as (row, col) in (0, 1),
+    images concatenated, cells row-major (the order of the tower's merged output)."""
+    out = []
+    for _, h, w in image_grid_thw.tolist():
+        gh, gw = h // spatial_merge_size, w // spatial_merge_size
+        rows = (torch.arange(gh, dtype=torch.float32) + 0.5) / gh
+        cols = (torch.arange(gw, dtype=torch.float32) + 0.5) / gw
+        out.append(torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2))
+    return torch.cat(out)
 
-    Class alone collapses the features of all cells of one kind onto one point (neural collapse): the cells of two
-    squares become indistinguishable, and the features are also the VRT prototypes the LLM points with, so PaDT
-    training from such a tower stalled (docs/shapes.md). Reconstructing the pixels keeps colour and the cell's local
-    geometry in the features.
+
+class VisionCellPretrainer(nn.Module):
+    """The Qwen2.5-VL vision tower with three linear heads on its merged output (one row per cell): the cell's class
+    (cross-entropy), its pooled pixels (`cell_pixel_targets`) and its position in the image (`cell_positions`), the
+    last two by mean squared error with weights `pixel_loss_weight` and `position_loss_weight`.
+
+    The class alone is not enough (docs/shapes.md): it collapses the features of all cells of one kind together, and
+    PaDT training from such a tower stalled, since the features are also the VRT prototypes the LLM points with. The
+    pixels keep colour and local geometry in the features, and the position the place of the cell (a random tower
+    carries it through its rotary attention, and PaDT training from a tower without it stalled as well).
     """
 
-    def __init__(self, visual: nn.Module, num_classes: int, pixel_loss_weight: float = 1.0, pool: int = 2) -> None:
+    def __init__(self, visual: nn.Module, num_classes: int, pixel_loss_weight: float = 1.0,
+                 position_loss_weight: float = 10.0, pool: int = 2) -> None:
         super().__init__()
         self.visual = visual
         self.pool = pool
         self.pixel_loss_weight = pixel_loss_weight
+        self.position_loss_weight = position_loss_weight
         cfg = visual.config
         target_size = cfg.spatial_merge_size**2 * cfg.in_channels * (cfg.patch_size // pool) ** 2
         self.head = nn.Linear(cfg.out_hidden_size, num_classes)
         self.pixel_head = nn.Linear(cfg.out_hidden_size, target_size)
+        self.position_head = nn.Linear(cfg.out_hidden_size, 2)
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
                 labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -195,7 +213,10 @@ class VisionCellClassifier(nn.Module):
         if labels is not None:
             target = cell_pixel_targets(pixel_values, self.visual.config, self.pool).to(cells.dtype)
             pixel_loss = nn.functional.mse_loss(self.pixel_head(cells), target)
-            out["loss"] = nn.functional.cross_entropy(logits, labels) + self.pixel_loss_weight * pixel_loss
+            where = cell_positions(image_grid_thw, self.visual.config.spatial_merge_size).to(cells.device, cells.dtype)
+            position_loss = nn.functional.mse_loss(self.position_head(cells), where)
+            out["loss"] = (nn.functional.cross_entropy(logits, labels) + self.pixel_loss_weight * pixel_loss
+                           + self.position_loss_weight * position_loss)
         return out
 
 
@@ -203,7 +224,7 @@ def _merger_output_layer(visual: nn.Module) -> nn.Linear:
     layer = getattr(getattr(getattr(visual, "merger", None), "mlp", None), "__getitem__", None)
     layer = layer(-1) if layer is not None else None
     if not isinstance(layer, nn.Linear):
-        raise ValueError(f"{type(visual).__name__} has no merger.mlp ending in a Linear (a Qwen2.5-VL vision tower?)")
+        raise TypeError(f"{type(visual).__name__} has no merger.mlp ending in a Linear (a Qwen2.5-VL vision tower?)")
     return layer
 
 
@@ -223,13 +244,15 @@ def rescale_cell_features(visual: nn.Module, factor: float) -> None:
 
 
 @torch.no_grad()
-def cell_accuracy(classifier: VisionCellClassifier, dataset: CellClassDataset, batch_size: int = 32) -> dict[str, float]:
+def cell_accuracy(
+    pretrainer: VisionCellPretrainer, dataset: CellClassDataset, batch_size: int = 32
+) -> dict[str, float]:
     """Accuracy over all cells and, on object cells, of the category alone (background logit ignored)."""
-    classifier.eval()
+    pretrainer.eval()
     right = total = fg_right = fg_total = 0
     for start in range(0, len(dataset), batch_size):
         batch = collate_cells([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        logits = classifier(batch["pixel_values"], batch["image_grid_thw"])["logits"]
+        logits = pretrainer(batch["pixel_values"], batch["image_grid_thw"])["logits"]
         labels = batch["labels"]
         right += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
@@ -271,7 +294,7 @@ def pretrain_vision(
     model = PaDTForConditionalGeneration.from_pretrained(model_dir)
     processor = load_processor(model_dir)
     image_processor = processor.image_processor
-    classifier = VisionCellClassifier(model.model.visual, len(class_names) + 1)
+    pretrainer = VisionCellPretrainer(model.model.visual, len(class_names) + 1)
     train_set = CellClassDataset(train_records, image_processor, class_names, min_coverage)
     trainer_dir = os.path.join(out_dir, "trainer")
     training_args.output_dir = trainer_dir
@@ -281,19 +304,19 @@ def pretrain_vision(
     # reaches (about 30x a random tower's) the VRT logits swamp the text logits and PaDT training stalled (docs/shapes.md).
     probe = collate_cells([train_set[i] for i in range(min(16, len(train_set)))])
     start_rms = cell_feature_rms(model.model.visual, probe)
-    trainer = Trainer(model=classifier, args=training_args, train_dataset=train_set, data_collator=collate_cells)
+    trainer = Trainer(model=pretrainer, args=training_args, train_dataset=train_set, data_collator=collate_cells)
     resume = get_last_checkpoint(trainer_dir) if os.path.isdir(trainer_dir) else None
     if resume:
         logger.info("resuming vision pretraining from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
     report = {"train_loss": float(result.training_loss)}
     if eval_records:
-        report.update(cell_accuracy(classifier, CellClassDataset(eval_records, image_processor, class_names,
+        report.update(cell_accuracy(pretrainer, CellClassDataset(eval_records, image_processor, class_names,
                                                                  min_coverage)))
     trained_rms = cell_feature_rms(model.model.visual, probe)
     rescale_cell_features(model.model.visual, start_rms / trained_rms)
     report.update(cell_feature_rms_before=start_rms, cell_feature_rms_trained=trained_rms)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)  # the tower inside `classifier` is the model's own module
+    model.save_pretrained(out_dir)  # the tower inside `pretrainer` is the model's own module
     processor.save_pretrained(out_dir)
     return report

@@ -376,3 +376,23 @@ def test_decoder_lr_scale_gives_the_decoder_its_own_rate(workspace, tmp_path):
     assert len({round(r, 9) for r in ratios}) == 1  # one schedule for both rates
     with pytest.raises(ValueError, match="decoder_lr_scale"):
         train_args(tmp_path, decoder_lr_scale=0.0)
+
+
+def test_vision_lr_scale_with_decoder_lr_scale_gives_three_rates(workspace, tmp_path):
+    trainer = build(workspace, train_args(tmp_path, decoder_lr_scale=4.0, vision_lr_scale=0.1, max_steps=10))
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    expected = {}
+    for pid, name in names.items():
+        parts = name.split(".")
+        expected[pid] = 2e-3 * (4.0 if "vl_decoder" in parts else 0.1 if "visual" in parts else 1.0)
+    assert any(v == pytest.approx(2e-4) for v in expected.values())  # the tower is trainable here
+    seen = {}
+    for g in trainer.optimizer.param_groups:
+        for p in g["params"]:
+            assert id(p) not in seen
+            seen[id(p)] = g["initial_lr"]
+    assert seen.keys() == expected.keys()
+    assert all(seen[k] == pytest.approx(v) for k, v in expected.items())
+    with pytest.raises(ValueError, match="vision_lr_scale"):
+        train_args(tmp_path, vision_lr_scale=-1.0)

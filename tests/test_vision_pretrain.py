@@ -18,7 +18,7 @@ from padt.vision_pretrain import cell_class_labels, load_cell_records
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
-import pretrain_shapes_vision  # noqa: E402
+import pretrain_shapes_vision
 
 CLASSES = ("square", "circle")
 
@@ -97,6 +97,17 @@ def test_cell_pixel_targets_follow_the_cell_order():
         cell_pixel_targets(pixel_values, config, pool=3)
 
 
+def test_cell_positions_are_row_major_centres_per_image():
+    from padt.vision_pretrain import cell_positions
+
+    grid = torch.tensor([[1, 4, 6], [1, 2, 2]])  # 2 x 3 cells, then 1 x 1 cell (merge 2)
+    pos = cell_positions(grid, 2)
+    assert pos.shape == (7, 2)
+    assert torch.allclose(pos[:6], torch.tensor([[0.25, 1 / 6], [0.25, 0.5], [0.25, 5 / 6],
+                                                 [0.75, 1 / 6], [0.75, 0.5], [0.75, 5 / 6]]))
+    assert pos[6].tolist() == [0.5, 0.5]
+
+
 SCENES = ShapesConfig(height=112, width=112, colours=("red", "blue"), kinds=("square", "triangle"),
                       backgrounds=("gray",), min_objects=1, max_objects=2, size_range=(0.35, 0.6))
 
@@ -125,7 +136,10 @@ def test_pretraining_learns_cell_kinds_and_changes_only_the_tower(pretrained):
     report = pretrained["first"]
     # two kinds: chance on object cells is about 0.5; the untrained tower's head does not exist yet
     assert report["object_cell_category_accuracy"] > 0.65, report
-    assert report["cell_accuracy"] > 0.8, report
+    val = load_cell_records([root / "data" / "ovd_val.jsonl"], [root / "data" / "images"])
+    labels = np.concatenate([cell_class_labels(r["objects"], ("square", "triangle"), (4, 4), 28) for r in val])
+    majority = np.bincount(labels).max() / labels.size  # always answering the most frequent class
+    assert report["cell_accuracy"] > majority + 0.1, (report, majority)
     before = load_file(str(root / "init" / "model.safetensors"))
     after = pretrained["first_weights"]
     assert before.keys() == after.keys()
