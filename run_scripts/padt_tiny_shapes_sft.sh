@@ -9,8 +9,9 @@ Usage: bash run_scripts/padt_tiny_shapes_sft.sh OUTPUT_DIR [extra padt.train fla
 1. generates the synthetic shapes data set (OUTPUT_DIR/data: NUM_IMAGES training scenes, NUM_VAL held-out scenes
    from a separate random stream), unless it is there already;
 2. builds a tiny random Qwen2.5-VL-architecture PaDT model with the shapes tokenizer (OUTPUT_DIR/init);
-3. trains it on REC/RES + OVD + RIC jointly with configs/train/tiny_shapes.yaml (OUTPUT_DIR/run; a rerun resumes);
-4. evaluates the final model on the held-out scenes with eval/evaluate.py (OUTPUT_DIR/eval; skip with EVAL=0).
+3. only with VISION_STEPS > 0: pretrains its vision tower on the scenes' cells (OUTPUT_DIR/init_vision; experimental);
+4. trains it on REC/RES + OVD + RIC jointly with configs/train/tiny_shapes.yaml (OUTPUT_DIR/run; a rerun resumes);
+5. evaluates the final model on the held-out scenes with eval/evaluate.py (OUTPUT_DIR/eval; skip with EVAL=0).
 About 30 minutes on 2 CPU cores. The trained model (OUTPUT_DIR/run) is what padt/assets/tiny_default ships.
 
 Arguments:
@@ -20,6 +21,7 @@ Arguments:
 Environment:
   NUM_IMAGES (4000)     training scenes           NUM_VAL (300)      held-out scenes
   SEED (0)              data seed                 EVAL (1)           evaluate after training
+  VISION_STEPS (0)      vision pretraining steps before PaDT training (0 = none, the shipped recipe; e.g. 2000)
   DATA_DIR              data folder to use or create (default OUTPUT_DIR/data; the ablations share one)
   EXTRA_DATA_DIRS       more generated training sets to mix in, space-separated (made beforehand with
                         src/preprocess/make_shapes.py and another --seed; same image size; evaluation stays on DATA_DIR)
@@ -76,13 +78,28 @@ if [[ ! -f "${OUT}/init/config.json" ]]; then
         --vrt-feature-order merge_block --min-pixels "${PIXELS}" --max-pixels "${PIXELS}" ${INIT_FLAGS:-}
 fi
 
+# Optional stage 0 (VISION_STEPS > 0, an experiment; docs/shapes.md has what it measured): the vision tower learns each
+# merged cell's kind, pixels and position from the training scenes, a stand-in for Qwen2.5-VL's pretrained tower
+# (padt/vision_pretrain.py); PaDT training then gives the tower a tenth of the learning rate (a later
+# --vision_lr_scale flag overrides it). A rerun resumes stage 0 or, once finished, reuses OUTPUT_DIR/init_vision.
+INIT="${OUT}/init"
+STAGE0_FLAGS=()
+if [[ "${VISION_STEPS:-0}" != "0" ]]; then
+    if [[ ! -f "${OUT}/init_vision/vision_pretrain.json" ]]; then
+        "${PYTHON}" "${ROOT}/src/pretrain_shapes_vision.py" --model "${OUT}/init" --data "${DATA}" ${EXTRA_DATA_DIRS:-} \
+            --out "${OUT}/init_vision" --steps "${VISION_STEPS}"
+    fi
+    INIT="${OUT}/init_vision"
+    STAGE0_FLAGS=(--vision_lr_scale 0.1)
+fi
+
 "${PYTHON}" -m padt.train --config "${ROOT}/configs/train/tiny_shapes.yaml" \
-    --model_name_or_path "${OUT}/init" \
+    --model_name_or_path "${INIT}" \
     --data_file_paths "${FILES}" \
     --image_folders "${FOLDERS}" \
     --output_dir "${OUT}/run" \
     --min_pixels "${PIXELS}" --max_pixels "${PIXELS}" \
-    "$@"
+    "${STAGE0_FLAGS[@]}" "$@"
 
 if [[ "${EVAL:-1}" != "0" ]]; then
     LIMIT=()
