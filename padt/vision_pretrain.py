@@ -221,8 +221,8 @@ class VisionCellPretrainer(nn.Module):
 
 
 def _merger_output_layer(visual: nn.Module) -> nn.Linear:
-    layer = getattr(getattr(getattr(visual, "merger", None), "mlp", None), "__getitem__", None)
-    layer = layer(-1) if layer is not None else None
+    mlp = getattr(getattr(visual, "merger", None), "mlp", None)
+    layer = mlp[-1] if isinstance(mlp, nn.Sequential) else None
     if not isinstance(layer, nn.Linear):
         raise TypeError(f"{type(visual).__name__} has no merger.mlp ending in a Linear (a Qwen2.5-VL vision tower?)")
     return layer
@@ -271,7 +271,8 @@ def pretrain_vision(
     eval_records: Sequence[dict] | None = None,
     min_coverage: float = 0.3,
 ) -> dict[str, float]:
-    """Pretrain `model_dir`'s vision tower on cell classes and save the whole model + processor to `out_dir`.
+    """Pretrain `model_dir`'s vision tower on its cells' classes, pixels and positions (`VisionCellPretrainer`), scale
+    its merged features back to their starting size, and save the whole model + processor to `out_dir`.
 
     Args:
         model_dir: a PaDT model folder (weights and processor), e.g. `padt.tiny_model --training-start` output.
@@ -283,7 +284,8 @@ def pretrain_vision(
         eval_records: held-out records to report the cell accuracy on (not trained on), optional.
 
     Returns:
-        the final training loss and, with `eval_records`, the accuracies of `cell_accuracy`.
+        the final training loss, the feature scale before training and after it (before the rescaling) and, with
+        `eval_records`, the accuracies of `cell_accuracy`.
     """
     from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
@@ -299,9 +301,9 @@ def pretrain_vision(
     trainer_dir = os.path.join(out_dir, "trainer")
     training_args.output_dir = trainer_dir
     training_args.remove_unused_columns = False
-    # Scale of the merged features before training: restored afterwards. They are the LLM's image embeddings and,
-    # through the zero-init prototype norm, the VRT rows of its classifier head; at the scale the classification
-    # reaches (about 30x a random tower's) the VRT logits swamp the text logits and PaDT training stalled (docs/shapes.md).
+    # Scale of the merged features before training, restored afterwards. They are the LLM's image embeddings and,
+    # through the zero-init prototype norm, the VRT rows of its output head; pretraining makes them 15-30x larger, and
+    # PaDT training should start with VRT logits on the scale of the text logits, as from a random tower.
     probe = collate_cells([train_set[i] for i in range(min(16, len(train_set)))])
     start_rms = cell_feature_rms(model.model.visual, probe)
     trainer = Trainer(model=pretrainer, args=training_args, train_dataset=train_set, data_collator=collate_cells)
