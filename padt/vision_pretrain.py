@@ -220,14 +220,6 @@ class VisionCellPretrainer(nn.Module):
         return out
 
 
-def _merger_output_layer(visual: nn.Module) -> nn.Linear:
-    mlp = getattr(getattr(visual, "merger", None), "mlp", None)
-    layer = mlp[-1] if isinstance(mlp, nn.Sequential) else None
-    if not isinstance(layer, nn.Linear):
-        raise TypeError(f"{type(visual).__name__} has no merger.mlp ending in a Linear (a Qwen2.5-VL vision tower?)")
-    return layer
-
-
 @torch.no_grad()
 def cell_feature_rms(visual: nn.Module, batch: dict[str, torch.Tensor]) -> float:
     """Root mean square of the tower's merged output (the LLM's image embeddings) on a `collate_cells` batch."""
@@ -238,7 +230,10 @@ def cell_feature_rms(visual: nn.Module, batch: dict[str, torch.Tensor]) -> float
 @torch.no_grad()
 def rescale_cell_features(visual: nn.Module, factor: float) -> None:
     """Multiply the tower's merged output by `factor` (the merger's last Linear, weight and bias)."""
-    layer = _merger_output_layer(visual)
+    mlp = getattr(getattr(visual, "merger", None), "mlp", None)
+    layer = mlp[-1] if isinstance(mlp, nn.Sequential) else None
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"{type(visual).__name__} has no merger.mlp ending in a Linear (a Qwen2.5-VL vision tower?)")
     layer.weight.mul_(factor)
     layer.bias.mul_(factor)
 
@@ -280,7 +275,7 @@ def pretrain_vision(
         class_names: object categories (cell class k + 1).
         out_dir: destination; the Trainer's checkpoints go to `out_dir/trainer` (a rerun resumes from the last).
         training_args: `transformers.TrainingArguments` (steps, batch size, learning rate...); its `output_dir` is
-            replaced by `out_dir/trainer`.
+            set to `out_dir/trainer`.
         eval_records: held-out records to report the cell accuracy on (not trained on), optional.
 
     Returns:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_images:
         held_out = load_cell_records([folders[0] / "ovd_val.jsonl"], [folders[0] / "images"])[: args.eval_images]
     training_args = TrainingArguments(
-        output_dir=str(Path(args.out) / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps,
         weight_decay=0.0, seed=args.seed, data_seed=args.seed, logging_steps=50, save_steps=500, save_total_limit=1,
         report_to="none", use_cpu=True, dataloader_num_workers=0,

@@ -148,8 +148,8 @@ def test_shapes_script_pretrains_the_vision_tower_first(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "init_vision" / "vision_pretrain.json").read_text())
     assert report["steps"] == 6 and report["training_images"] == 8
-    init, vision, run_ = (load_file(str(tmp_path / "out" / d / "model.safetensors")) for d in ("init", "init_vision",
-                                                                                                 "run"))
+    init, vision, run_ = (load_file(str(tmp_path / "out" / d / "model.safetensors"))
+                          for d in ("init", "init_vision", "run"))
     key = next(k for k in init if k.endswith("patch_embed.proj.weight"))
     # one step at the first warm-up rate moves the weights far less than the vision pretraining did
     assert (run_[key] - vision[key]).norm() < 0.1 * (vision[key] - init[key]).norm()
@@ -159,7 +159,8 @@ def test_entry_point_help_names_the_padt_arguments():
     proc = run([sys.executable, "-m", "padt.train", "--help"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     for arg in ("--model_name_or_path", "--data_file_paths", "--image_folders", "--data_config", "--num_vrt",
-                "--robust_ce", "--use_mask_loss", "--warmup_prototype_steps", "--use_lora", "--freeze_vision", "--decoder_lr_scale", "--vision_lr_scale",
+                "--robust_ce", "--use_mask_loss", "--warmup_prototype_steps", "--use_lora", "--freeze_vision",
+                "--decoder_lr_scale", "--vision_lr_scale",
                 "--use_visual_prototype_projection", "--attn_implementation", "--min_pixels", "--max_pixels"):
         assert arg in proc.stdout, arg
 
