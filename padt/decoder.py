@@ -495,6 +495,8 @@ class PaDTDecoder(nn.Module):
         high_index = _segment_index(obj_high_start, obj_high_len, sum(hi_lens))  # (Tm_hi,) per-object copies
         low_index = _segment_index(obj_high_start // m2, obj_high_len // m2, sum(hi_lens) // m2)  # (Tm_lo,)
 
+        # Row gathers use index_select: its backward (index_add_) is ~5x faster on CPU than that of x[index]
+        # (an accumulating index_put), which matters for the per-object copies of the high-res memory.
         # ---- queries: [box, score, mask tokens; input_projection(vrt) + vp] per object
         lens = torch.as_tensor(vrt_lengths, dtype=torch.long, device=device)
         layout_q = VarlenLayout.from_lengths([n + NUM_TASK_TOKENS for n in vrt_lengths], device)
@@ -504,30 +506,30 @@ class PaDTDecoder(nn.Module):
         pool = torch.cat([self.bbox_score_mask_tokens.weight, vrt], 0)  # (3 + ΣN_vrt) x D
         pos, seg = layout_q.positions, layout_q.segment_ids
         vrt_start = torch.cumsum(lens, 0) - lens
-        queries = pool[torch.where(pos < NUM_TASK_TOKENS, pos, vrt_start[seg] + pos)]  # Tq x D
+        queries = pool.index_select(0, torch.where(pos < NUM_TASK_TOKENS, pos, vrt_start[seg] + pos))  # Tq x D
         query_pe = queries  # the initial queries double as additive positional embedding
         q_starts = layout_q.cu_seqlens[:-1].long()
         impl = self.attn_implementation
 
         # ---- stage 1: low-res memory (projected once per image, then one copy per object)
-        low_mem = self.input_projection(low_res_embeds.to(dtype))[low_index]  # Tm_lo x D
+        low_mem = self.input_projection(low_res_embeds.to(dtype)).index_select(0, low_index)  # Tm_lo x D
         # low-res PE: sub-patch 0 of each group of merge^2 PE rows (the authors' choice; window order by default)
-        low_pe = tuple(t.reshape(-1, m2, t.shape[-1])[:, 0][low_index] for t in (cos, sin))
+        low_pe = tuple(t.reshape(-1, m2, t.shape[-1])[:, 0].index_select(0, low_index) for t in (cos, sin))
         queries, low_mem = self.low_res_transformer(queries, query_pe, low_mem, low_pe, layout_q, layout_lo, impl)
 
         # ---- stage 2: high-res memory = norm(each low-res row repeated merge^2 times + ViT states)
-        high_pe = (cos[high_index], sin[high_index])
-        high = high_res_embeds.to(dtype)[high_index].view(-1, m2, self.hidden_size)  # Tm_lo x merge^2 x D
+        high_pe = (cos.index_select(0, high_index), sin.index_select(0, high_index))
+        high = high_res_embeds.to(dtype).index_select(0, high_index).view(-1, m2, self.hidden_size)  # Tm_lo x m2 x D
         memory = self.high_res_norm((low_mem[:, None, :] + high).view(-1, self.hidden_size))  # broadcast, no repeat
         for block in (self.high_res_transformer1, self.high_res_transformer2):
             queries, memory = block(queries, query_pe, memory, high_pe, layout_q, layout_hi, impl)
 
         # ---- heads on task tokens
-        pred_boxes = self.bbox_prediction(queries[q_starts])
-        pred_score = self.score_prediction(queries[q_starts + 1])
+        pred_boxes = self.bbox_prediction(queries.index_select(0, q_starts))
+        pred_score = self.score_prediction(queries.index_select(0, q_starts + 1))
         pred_mask = None
         if compute_mask:
-            obj_vec = self.mask_output_mlp(queries[q_starts + 2])  # N x C
+            obj_vec = self.mask_output_mlp(queries.index_select(0, q_starts + 2))  # N x C
             pred_mask = self._masks(memory, obj_vec, layout_hi, obj_grid)
         return {"pred_boxes": pred_boxes, "pred_score": pred_score, "pred_mask": pred_mask}
 
@@ -544,7 +546,7 @@ class PaDTDecoder(nn.Module):
         if layout.is_uniform:  # one (L*s*s, C) @ (C,) product per object, no (Tm, s, s, C) temporary
             logits = torch.bmm(x.reshape(layout.num_segments, -1, obj_vec.shape[-1]), obj_vec[:, :, None])
         else:
-            logits = (x.reshape(t_rows, s * s, -1) * obj_vec[seg][:, None, :]).sum(-1)
+            logits = (x.reshape(t_rows, s * s, -1) * obj_vec.index_select(0, seg)[:, None, :]).sum(-1)
         # (a, b, c1, c2) -> (a c1) x (b c2)
         logits = logits.reshape(t_rows, k, k, k, k).permute(0, 1, 3, 2, 4).reshape(t_rows, s, s)  # Tm x s x s
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from padt.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, elementwise_generalized_box_iou
+from padt.row_cross_entropy import row_cross_entropy
 
 __all__ = [
     "DECODER_LOSS_KEYS",
@@ -54,7 +55,7 @@ def robust_vrt_cross_entropy(
     *,
     eps: float = CE_EPS,
 ) -> torch.Tensor:
-    """Per-token cross-entropy over text + VRT ids, computed in fp32 at completion positions only.
+    """Per-token cross-entropy over text + VRT ids, computed in fp32 on the completion window only.
 
     At every VRT target (row j of `vrt_rows`), the logits of the same object's *other* foreground cells
     (`robust_cell_mask[j]`) are set to -inf before the softmax, so sampling one of several equally right cells is not
@@ -62,7 +63,7 @@ def robust_vrt_cross_entropy(
 
     Args:
         logits (`torch.Tensor` of shape `(B, C, V + N_cells)`, any float dtype): the logits that predict the C
-            completion tokens (position t predicts `targets[:, t]`). Only the kept positions are cast to fp32.
+            completion tokens (position t predicts `targets[:, t]`). `padt.row_cross_entropy` casts it to fp32.
         targets (`torch.LongTensor` of shape `(B, C)`): completion ids (text ids, global VRT ids `V + cell`).
         completion_mask (`torch.Tensor` of shape `(B, C)`): 1 on completion tokens (eos included), 0 on pads.
         vrt_rows (`torch.LongTensor` of shape `(N_vrt, 2)`, *optional*): (b, t) of every VRT target to mask.
@@ -79,10 +80,7 @@ def robust_vrt_cross_entropy(
         )
     keep = completion_mask.bool()
     batch, length = targets.shape
-    tok_logits = logits[keep].float()  # T x K, fp32 only here
-    tok_targets = targets[keep]  # T
-    nll = torch.logsumexp(tok_logits, -1) - tok_logits.gather(1, tok_targets[:, None]).squeeze(1)  # T
-
+    hide_index = hide = None
     if robust_cell_mask is not None and robust_cell_mask.numel():
         if vrt_rows is None or vrt_rows.dim() != 2 or vrt_rows.shape != (robust_cell_mask.shape[0], 2):
             raise ValueError(
@@ -90,39 +88,34 @@ def robust_vrt_cross_entropy(
                 f"mask row, got {None if vrt_rows is None else tuple(vrt_rows.shape)}"
             )
         num_cells = robust_cell_mask.shape[1]
-        if num_cells > tok_logits.shape[1]:
-            raise ValueError(
-                f"robust_cell_mask has {num_cells} cells but the logits only {tok_logits.shape[1]} columns"
-            )
-        flat_index = torch.full((batch, length), -1, dtype=torch.long, device=keep.device)
-        flat_index[keep] = torch.arange(tok_logits.shape[0], device=keep.device)
-        rows = flat_index[vrt_rows[:, 0], vrt_rows[:, 1]]  # N_vrt
-        if bool((rows < 0).any()):
-            j = int((rows < 0).nonzero()[0, 0])
+        text_cols = logits.shape[-1] - num_cells
+        if text_cols < 0:
+            raise ValueError(f"robust_cell_mask has {num_cells} cells but the logits only {logits.shape[-1]} columns")
+        vrt_rows = vrt_rows.to(keep.device)
+        if not bool(keep[vrt_rows[:, 0], vrt_rows[:, 1]].all()):
+            j = int((~keep[vrt_rows[:, 0], vrt_rows[:, 1]]).nonzero()[0, 0])
             raise ValueError(
                 f"vrt_rows[{j}] = {vrt_rows[j].tolist()} is not a completion position (completion_mask 0)"
             )
-        if rows.unique().numel() != rows.numel():
+        hide_index = vrt_rows[:, 0] * length + vrt_rows[:, 1]  # N_vrt flat (b, t) rows
+        if hide_index.unique().numel() != hide_index.numel():
             raise ValueError("vrt_rows lists the same (b, t) position twice")
-        text_cols = tok_logits.shape[1] - num_cells
-        hide = F.pad(robust_cell_mask.to(device=tok_logits.device, dtype=torch.bool), (text_cols, 0))  # N_vrt x K
-        vrt_targets = tok_targets[rows]
+        vrt_targets = targets.reshape(-1)[hide_index]
         if bool((vrt_targets < text_cols).any()):
             j = int((vrt_targets < text_cols).nonzero()[0, 0])
             raise ValueError(
                 f"vrt_rows[{j}] = {vrt_rows[j].tolist()} targets text id {int(vrt_targets[j])}, not a VRT"
             )
-        if bool(hide.gather(1, vrt_targets[:, None]).any()):
+        hide = robust_cell_mask.to(device=keep.device, dtype=torch.bool)
+        if bool(hide.gather(1, (vrt_targets - text_cols)[:, None]).any()):
             raise ValueError(
                 "robust_cell_mask hides the target cell of a VRT token; the picked cell must stay visible"
             )
-        masked = tok_logits[rows].masked_fill(hide, float("-inf"))
-        vrt_nll = torch.logsumexp(masked, -1) - masked.gather(1, vrt_targets[:, None]).squeeze(1)
-        nll = nll.index_put((rows,), vrt_nll)
 
-    sample = keep.nonzero(as_tuple=True)[0]
-    per_sample = nll.new_zeros(batch).index_add(0, sample, nll)
-    per_sample = per_sample / (keep.sum(1).to(nll.dtype) + eps)
+    # every (b, t) row is computed (no gather of the kept rows; padding rows are dropped by the `where`)
+    nll = row_cross_entropy(logits, torch.where(keep, targets, 0), hide_index, hide).view(batch, length)
+    nll = torch.where(keep, nll, 0.0)
+    per_sample = nll.sum(1) / (keep.sum(1).to(nll.dtype) + eps)
     return per_sample.mean()
 
 

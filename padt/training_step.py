@@ -3,7 +3,7 @@
 `compute_padt_loss` consumes the collator's batch (see the training contract / `padt.data.collator`) and is what the
 trainer's `compute_loss` calls. It is the authors' `compute_loss` (spec 9.5 steps 6-12) with these changes:
 
-* logits are kept only for the completion (`logits_to_keep`) and cast to fp32 only at completion tokens;
+* logits are kept only for the completion (`logits_to_keep`) and cast to fp32 only there (`padt.row_cross_entropy`);
 * decoder features are read from the final-norm states the forward returns (no `output_hidden_states`);
 * objects are matched to decoder outputs by order, and each object's image comes from its VRT cells (samples may own
   several images);
