@@ -18,10 +18,12 @@ geometrically consistent alternative for models trained from scratch (see :func:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -82,6 +84,45 @@ class _RMSNormFP32(torch.autograd.Function):
             dot = torch.matmul(p, weight).unsqueeze(-1).div_(d)  # (..., 1)
             grad_x = torch.mul(grad, weight).mul_(rstd).addcmul_(x_hat, dot.mul_(rstd), value=-1)
         return grad_x, grad_w, None
+
+
+class _RMSNormalizeFP32(torch.autograd.Function):
+    """``x * rsqrt(mean(x^2) + eps)`` (no weight) for fp32 ``x``; backward ``rstd * (g - x_hat * mean(g * x_hat))``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, rstd)
+        return x_hat
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x_hat, rstd = ctx.saved_tensors
+        dot = (grad * x_hat).mean(-1, keepdim=True)  # (..., 1)
+        return torch.addcmul(grad, x_hat, dot, value=-1).mul_(rstd), None
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_interleaved_order(num_heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
+    """Output-channel order (0, d/2, 1, d/2 + 1, ...) within every head, as a `(heads * head_dim,)` index."""
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], -1).reshape(-1)  # head_dim
+    return (torch.arange(num_heads)[:, None] * head_dim + within).reshape(-1).to(device)
+
+
+def _rotate_pairs(x: torch.Tensor, rope: RotaryPE) -> torch.Tensor:
+    """Rotary embedding of pair-interleaved channels: pair c of `x` (T, ..., head_dim) times e^{i theta_c}.
+
+    `rope` holds the ViT's duplicated (cos, sin) tables `(T, head_dim)` (cos[c] == cos[c + d/2]); in the channel order
+    of `_pair_interleaved_order` this equals `apply_rotary`'s rotate-half rotation.
+    """
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    phase = torch.complex(cos[:, :half].float(), sin[:, :half].float())
+    phase = phase.view(x.shape[0], *([1] * (x.dim() - 2)), half)
+    return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], half, 2)) * phase).view(x.shape)
 
 
 def _is_sharded(*params: torch.Tensor) -> bool:
@@ -187,20 +228,12 @@ class VarlenAttention(nn.Module):
         mathematically identical order (see `_attend_few_keys` / `_attend_few_queries`); results agree with the
         plain path to fp32 rounding.
         """
-        lq, lk = layout_q.max_len, layout_k.max_len
-        span = self.num_heads * min(lq, lk)
-        if (
-            implementation in ("sdpa", "eager")
-            and q_in.dtype == torch.float32
-            and layout_q.is_uniform
-            and layout_k.is_uniform
-            and span <= q_in.shape[-1]
-            and max(lq, lk) > span
-            and not _is_sharded(self.proj.weight, self.v_proj.weight)
-        ):
-            if lk < lq:
-                return self._attend_few_keys(q_in, k_in, v_in, layout_q.num_segments, q_rope, k_rope)
-            return self._attend_few_queries(q_in, k_in, v_in, layout_q.num_segments, q_rope, k_rope)
+        if self.uses_fast_path(q_in, layout_q, layout_k, implementation):
+            q = self.project(q_in, self.q_proj, q_rope)
+            k = self.project(k_in, self.k_proj, k_rope)
+            if layout_k.max_len < layout_q.max_len:
+                return self.attend_few_keys(q, k, self._heads(self.v_proj(v_in)), layout_q.num_segments)
+            return self.attend_few_queries(q, k, v_in, layout_q.num_segments)
         q = self._heads(self.q_proj(q_in))
         k = self._heads(self.k_proj(k_in))
         v = self._heads(self.v_proj(v_in))
@@ -211,53 +244,84 @@ class VarlenAttention(nn.Module):
         out = varlen_attention(q, k, v, layout_q, layout_k, implementation)
         return self.proj(out.reshape(out.shape[0], -1))
 
-    def _project(self, x: torch.Tensor, linear: nn.Linear, rope: RotaryPE | None) -> torch.Tensor:
-        x = self._heads(linear(x))
-        return apply_rotary(x, *rope) if rope is not None else x
+    def uses_fast_path(
+        self, x: torch.Tensor, layout_q: VarlenLayout, layout_k: VarlenLayout, implementation: str
+    ) -> bool:
+        """True when `attend_few_keys` / `attend_few_queries` compute this attention: fp32 input `x`, the sdpa/eager
+        backend, equal segment lengths on both sides, one side short (heads * length <= width) and the other longer,
+        and weights that are not ZeRO-3 shards (the fast paths read them directly)."""
+        lq, lk = layout_q.max_len, layout_k.max_len
+        span = self.num_heads * min(lq, lk)
+        return (
+            implementation in ("sdpa", "eager")
+            and x.dtype == torch.float32
+            and layout_q.is_uniform
+            and layout_k.is_uniform
+            and span <= x.shape[-1]
+            and max(lq, lk) > span
+            and not _is_sharded(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.proj.weight)
+        )
 
-    def _attend_few_keys(self, q_in, k_in, v_in, num_segments: int, q_rope, k_rope) -> torch.Tensor:
+    def project(self, x: torch.Tensor, linear: nn.Linear, rope: RotaryPE | None) -> torch.Tensor:
+        """Projection to (T, heads, head_dim) in the *pair-interleaved* channel order of each head, rotated by `rope`.
+
+        The fast paths only use q and k in dot products, which do not change when both sides' channels are permuted
+        alike; in the order (0, d/2, 1, d/2 + 1, ...) the rotate-half rotary of channels c and c + d/2 is the complex
+        product of adjacent pairs with e^{i theta_c}: one vectorised pass instead of `apply_rotary`'s strided
+        half-head updates (about 2x faster here, forward and backward). The permutation is applied to the weight rows.
+        """
+        order = _pair_interleaved_order(self.num_heads, self.head_dim, x.device)
+        x = self._heads(F.linear(x, linear.weight.index_select(0, order), linear.bias.index_select(0, order)))
+        return _rotate_pairs(x, rope) if rope is not None else x
+
+    def attend_few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_segments: int) -> torch.Tensor:
         """Uniform segments, Lk * heads <= D < Lq (the image->query attention of the memory stream).
 
+        q (Tq, h, d) and k (Tk, h, d) come from `project` (rows may be strided), v (Tk, h, d). Returns (Tq, D).
         ``proj(softmax(q k^T) v)`` computed as ``softmax(q @ K_blk) @ V_proj + b``: ``K_blk`` (B, D, h*Lk) is the
         block-diagonal (per head) key matrix, so all heads' scores come from one product of the packed queries, and
         ``V_proj`` (B, h*Lk, D) pushes every head's values through its slice of the output projection first. This
         avoids the (Tq, D) x (D, D) output projection and the per-head layout copies.
         """
         h, d, b = self.num_heads, self.head_dim, num_segments
-        q = self._project(q_in, self.q_proj, q_rope)  # Tq x h x d
-        k = self._project(k_in, self.k_proj, k_rope)  # Tk x h x d
-        v = self._heads(self.v_proj(v_in))
         lq, lk = q.shape[0] // b, k.shape[0] // b
         eye = torch.eye(h, dtype=q.dtype, device=q.device)
-        k_blk = torch.einsum("bkhd,hg->bhdgk", k.view(b, lk, h, d) * (d**-0.5), eye).reshape(b, h * d, h * lk)
+        k_blk = torch.einsum("bkhd,hg->bhdgk", k.reshape(b, lk, h, d) * (d**-0.5), eye).reshape(b, h * d, h * lk)
         # scores transposed, B x (h Lk) x Lq: the softmax then runs over a strided dim of size Lk with Lq contiguous,
         # which is far faster on CPU than a softmax over a tiny last dim
         scores_t = torch.bmm(q.reshape(b, lq, h * d), k_blk).transpose(1, 2).contiguous()
         probs_t = torch.softmax(scores_t.view(b, h, lk, lq), dim=2).view(b, h * lk, lq)
         w = self.proj.weight.view(-1, h, d)  # D_out x h x d
-        v_proj = torch.einsum("bkhd,ohd->bhko", v.view(b, lk, h, d), w).reshape(b, h * lk, -1)  # B x (h Lk) x D
+        v_proj = torch.einsum("bkhd,ohd->bhko", v.reshape(b, lk, h, d), w).reshape(b, h * lk, -1)  # B x (h Lk) x D
         out = torch.baddbmm(self.proj.bias, probs_t.transpose(1, 2), v_proj)  # B x Lq x D
         return out.reshape(b * lq, -1)
 
-    def _attend_few_queries(self, q_in, k_in, v_in, num_segments: int, q_rope, k_rope) -> torch.Tensor:
+    def attend_few_queries(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v_in: torch.Tensor,
+        num_segments: int,
+        v_in_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Uniform segments, Lq * heads <= D < Lk (the query->image attention over the memory stream).
 
+        q (Tq, h, d) and k (Tk, h, d) come from `project` (rows may be strided); v_in (Tk, D) is the *unprojected*
+        value input, optionally still to be multiplied by `v_in_scale` (D,) per channel. Returns (Tq, D).
         ``softmax(q k^T) (v_in W_v^T + b_v)`` computed as ``(softmax(q k^T) v_in) W_v^T + b_v`` (softmax rows sum
         to 1): the long key side is mixed first (B, h*Lq, D) and the value projection runs on h*Lq rows per object
         instead of Lk. Scores of all heads come from one product with a block-diagonal (per head) query matrix.
         """
         h, d, b = self.num_heads, self.head_dim, num_segments
-        q = self._project(q_in, self.q_proj, q_rope)  # Tq x h x d
-        k = self._project(k_in, self.k_proj, k_rope)  # Tk x h x d
         lq, lk = q.shape[0] // b, k.shape[0] // b
         eye = torch.eye(h, dtype=q.dtype, device=q.device)
-        q_blk = torch.einsum("blhd,hg->bhlgd", q.view(b, lq, h, d) * (d**-0.5), eye).reshape(b, h * lq, h * d)
+        q_blk = torch.einsum("blhd,hg->bhlgd", q.reshape(b, lq, h, d) * (d**-0.5), eye).reshape(b, h * lq, h * d)
         # scores transposed, B x Lk x (h Lq), so that the gradient of k comes out in k's own layout
         scores_t = torch.bmm(k.reshape(b, lk, h * d), q_blk.transpose(1, 2))
         probs_t = torch.softmax(scores_t, dim=1)
         mixed = torch.bmm(probs_t.transpose(1, 2), v_in.reshape(b, lk, -1)).view(b, h, lq, -1)  # B x h x Lq x D_in
-        w = self.v_proj.weight.view(h, d, -1)  # h x d x D_in
-        out = torch.einsum("bhlc,hdc->blhd", mixed, w).reshape(b * lq, h * d) + self.v_proj.bias
+        weight = self.v_proj.weight if v_in_scale is None else self.v_proj.weight * v_in_scale
+        out = torch.einsum("bhlc,hdc->blhd", mixed, weight.view(h, d, -1)).reshape(b * lq, h * d) + self.v_proj.bias
         return self.proj(out)
 
 
@@ -300,16 +364,57 @@ class TwoWayBlock(nn.Module):
             x + query_pe, x + query_pe, x, layout_q, layout_q, implementation=implementation
         )
         x = self.norm2(queries)
-        mem, mem_i2q = _rms_norm_pair(memory, self.norm3, self.norm6)  # memory is unchanged until the block's end
-        queries = queries + self.cross_attn_query_to_image(
-            x + query_pe, mem, mem, layout_q, layout_m, k_rope=memory_pe, implementation=implementation
+        q2i, i2q = self.cross_attn_query_to_image, self.cross_attn_image_to_query
+        fused = (
+            q2i.uses_fast_path(queries, layout_q, layout_m, implementation)
+            and i2q.uses_fast_path(memory, layout_m, layout_q, implementation)
+            and self.norm3.eps == self.norm6.eps
+            and not _is_sharded(self.norm3.weight, self.norm6.weight)
         )
+        num_segments = layout_q.num_segments
+        if fused:  # memory is unchanged until the block's end: normalise and project its two uses at once
+            mem, k_mem, q_mem = self._memory_keys_and_queries(memory, memory_pe)
+            queries = queries + q2i.attend_few_queries(
+                q2i.project(x + query_pe, q2i.q_proj, None), k_mem, mem, num_segments, v_in_scale=self.norm3.weight
+            )
+        else:
+            mem, mem_i2q = _rms_norm_pair(memory, self.norm3, self.norm6)
+            queries = queries + q2i(
+                x + query_pe, mem, mem, layout_q, layout_m, k_rope=memory_pe, implementation=implementation
+            )
         queries = queries + self.mlp(self.norm4(queries))
         x = self.norm5(queries)
-        memory = memory + self.cross_attn_image_to_query(
-            mem_i2q, x + query_pe, x, layout_m, layout_q, q_rope=memory_pe, implementation=implementation
-        )
-        return queries, memory
+        if fused:
+            update = i2q.attend_few_keys(
+                q_mem, i2q.project(x + query_pe, i2q.k_proj, None), i2q._heads(i2q.v_proj(x)), num_segments
+            )
+        else:
+            update = i2q(mem_i2q, x + query_pe, x, layout_m, layout_q, q_rope=memory_pe, implementation=implementation)
+        return queries, memory + update
+
+    def _memory_keys_and_queries(
+        self, memory: torch.Tensor, memory_pe: RotaryPE
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The memory side of both cross-attentions from one normalisation and one matmul.
+
+        ``k_proj(norm3(m))`` and ``q_proj(norm6(m))`` equal ``x_hat @ [W_k diag(w3); W_q diag(w6)]^T + b`` with the
+        unweighted ``x_hat = m / rms(m)``: the norm weights are folded into the projection rows, which are also put in
+        the pair-interleaved order of `VarlenAttention.project` and rotated together.
+
+        Returns:
+            x_hat (Tm, D), keys of query->image (Tm, h, d) and queries of image->query (Tm, h, d), both rotated.
+        """
+        q2i, i2q = self.cross_attn_query_to_image, self.cross_attn_image_to_query
+        heads, head_dim, width = q2i.num_heads, q2i.head_dim, memory.shape[-1]
+        order = _pair_interleaved_order(heads, head_dim, memory.device)
+        order = torch.cat([order, order + width])
+        weight = torch.cat([q2i.k_proj.weight * self.norm3.weight, i2q.q_proj.weight * self.norm6.weight])
+        bias = torch.cat([q2i.k_proj.bias, i2q.q_proj.bias])
+        x_hat = _RMSNormalizeFP32.apply(memory, self.norm3.eps)
+        keys_queries = F.linear(x_hat, weight.index_select(0, order), bias.index_select(0, order))
+        keys_queries = _rotate_pairs(keys_queries.view(memory.shape[0], 2, heads, head_dim), memory_pe)
+        keys, queries = keys_queries.unbind(1)
+        return x_hat, keys, queries
 
 
 def _mlp(dims: Sequence[int], final: nn.Module | None = None) -> nn.Sequential:
@@ -547,19 +652,18 @@ class PaDTDecoder(nn.Module):
             logits = torch.bmm(x.reshape(layout.num_segments, -1, obj_vec.shape[-1]), obj_vec[:, :, None])
         else:
             logits = (x.reshape(t_rows, s * s, -1) * obj_vec.index_select(0, seg)[:, None, :]).sum(-1)
-        # (a, b, c1, c2) -> (a c1) x (b c2)
-        logits = logits.reshape(t_rows, k, k, k, k).permute(0, 1, 3, 2, 4).reshape(t_rows, s, s)  # Tm x s x s
-
         h_max, w_max = int(obj_grid[:, 1].max()), int(obj_grid[:, 2].max())  # host tensor, no device sync
         grid_w = obj_grid[:, 2].to(memory.device)[seg]
         row, col = patch_positions(layout.positions, grid_w, self.spatial_merge_size, self.feature_order)
-        sub = torch.arange(s, device=memory.device)
+        # logits come in (a, b, c1, c2) order; sub-pixel (a, b, c1, c2) sits at row a*k + c1, column b*k + c2 of the
+        # row's s x s block. The scatter index follows that order, so the logits need no permuted copy.
         out_h, out_w = s * h_max, s * w_max
-        flat = (
-            seg[:, None, None] * (out_h * out_w)
-            + (row[:, None, None] * s + sub[None, :, None]) * out_w
-            + (col[:, None, None] * s + sub[None, None, :])
-        )  # Tm x s x s
+        part = torch.arange(k, device=memory.device)
+        sub_row = part[:, None, None, None] * k + part[None, None, :, None]  # a x 1 x c1 x 1
+        sub_col = part[None, :, None, None] * k + part[None, None, None, :]  # 1 x b x 1 x c2
+        offsets = (sub_row * out_w + sub_col).reshape(-1)  # (s*s,) inside the block, in (a, b, c1, c2) order
+        block = seg * (out_h * out_w) + row * (s * out_w) + col * s  # (Tm,) top-left pixel of each row's block
+        flat = block[:, None] + offsets[None, :]  # Tm x s*s
         out = logits.new_zeros(layout.num_segments * out_h * out_w)
         out = out.index_put((flat.reshape(-1),), logits.reshape(-1))
         return out.view(layout.num_segments, out_h, out_w)

@@ -355,3 +355,35 @@ def test_equal_length_fast_path_equals_padded_path(oracle_io_for_fast_path=None)
     torch.testing.assert_close(fast["pred_score"], padded["pred_score"][:2], atol=1e-5, rtol=1e-4)
     h, w = fast["pred_mask"].shape[1:]
     torch.testing.assert_close(fast["pred_mask"], padded["pred_mask"][:2, :h, :w], atol=1e-4, rtol=1e-4)
+
+
+def test_fast_path_gradients_equal_padded_path_gradients():
+    """The fused paths (norm weights folded into one key|query projection, pair-interleaved complex rotary, scatter
+    of un-permuted mask logits) must give the padded varlen path's gradients too, for every decoder parameter and for
+    the VRT features and high-res states."""
+    from padt.modeling import PaDTForConditionalGeneration
+
+    io = load_file(ORACLE / "io.safetensors")
+    model = PaDTForConditionalGeneration.from_pretrained(ORACLE / "model", dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(n, 128, generator=gen) for n in (5, 5, 3))
+    pe = (io["forward.visual_pe_cos"], io["forward.visual_pe_sin"])
+    grads = []
+    for objects in ([[a, b], []], [[a, b], [c]]):
+        feats = [[t.clone().requires_grad_(True) for t in group] for group in objects]
+        high = io["forward.past_high_res_image_embeds"].clone().requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        out = model.vl_decode(feats, io["forward.past_image_embeds"], high, io["inputs.image_grid_thw"], pe)
+        h, w = 16, 16  # a common crop of every object's mask
+        loss = (out["pred_boxes"][:2] * torch.arange(1.0, 5.0)).sum() + out["pred_score"][:2].sum()
+        loss = loss + (out["pred_mask"][:2, :h, :w].sigmoid() * torch.linspace(-1, 1, w)).sum()
+        loss.backward()
+        params = {k: p.grad.clone() for k, p in model.vl_decoder.named_parameters() if p.grad is not None}
+        grads.append((params, [t.grad for t in feats[0]], high.grad))
+    (fast_p, fast_f, fast_h), (pad_p, pad_f, pad_h) = grads
+    assert set(fast_p) == set(pad_p) and len(fast_p) > 50
+    for key in fast_p:
+        torch.testing.assert_close(fast_p[key], pad_p[key], atol=1e-4, rtol=1e-3, msg=lambda m, k=key: f"{k}: {m}")
+    for got, want in zip(fast_f, pad_f):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(fast_h, pad_h, atol=1e-5, rtol=1e-3)
