@@ -225,7 +225,7 @@ class VarlenAttention(nn.Module):
 
         With fp32 inputs, the sdpa/eager backends and equal segment lengths on both sides, the two lopsided cases of
         the decoder (few queries over a long memory, a long memory over few queries) are computed in a cheaper but
-        mathematically identical order (see `_attend_few_keys` / `_attend_few_queries`); results agree with the
+        mathematically identical order (see `attend_few_keys` / `attend_few_queries`); results agree with the
         plain path to fp32 rounding.
         """
         if self.uses_fast_path(q_in, layout_q, layout_k, implementation):
