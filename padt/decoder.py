@@ -112,17 +112,18 @@ def _pair_interleaved_order(num_heads: int, head_dim: int, device: torch.device)
     return (torch.arange(num_heads)[:, None] * head_dim + within).reshape(-1).to(device)
 
 
-def _rotate_pairs(x: torch.Tensor, rope: RotaryPE) -> torch.Tensor:
-    """Rotary embedding of pair-interleaved channels: pair c of `x` (T, ..., head_dim) times e^{i theta_c}.
+def _rotate_pairs(x: torch.Tensor, rope: RotaryPE, token_dim: int = 0) -> torch.Tensor:
+    """Rotary embedding of pair-interleaved channels: pair c of `x` (..., T, ..., head_dim) times e^{i theta_c}.
 
-    `rope` holds the ViT's duplicated (cos, sin) tables `(T, head_dim)` (cos[c] == cos[c + d/2]); in the channel order
-    of `_pair_interleaved_order` this equals `apply_rotary`'s rotate-half rotation.
+    `rope` holds the ViT's duplicated (cos, sin) tables `(T, head_dim)` (cos[c] == cos[c + d/2]), T along `token_dim`
+    of `x`; in the channel order of `_pair_interleaved_order` this equals `apply_rotary`'s rotate-half rotation.
     """
     cos, sin = rope
     half = x.shape[-1] // 2
     phase = torch.complex(cos[:, :half].float(), sin[:, :half].float())
-    phase = phase.view(x.shape[0], *([1] * (x.dim() - 2)), half)
-    return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], half, 2)) * phase).view(x.shape)
+    shape = [1] * (x.dim() - 1) + [half]
+    shape[token_dim] = x.shape[token_dim]
+    return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], half, 2)) * phase.view(shape)).view(x.shape)
 
 
 def _is_sharded(*params: torch.Tensor) -> bool:
@@ -397,7 +398,7 @@ class TwoWayBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The memory side of both cross-attentions from one normalisation and one matmul.
 
-        ``k_proj(norm3(m))`` and ``q_proj(norm6(m))`` equal ``x_hat @ [W_k diag(w3); W_q diag(w6)]^T + b`` with the
+        ``k_proj(norm3(m))`` and ``q_proj(norm6(m))`` equal ``x_hat @ [W_k diag(w3) | W_q diag(w6)]^T + b`` with the
         unweighted ``x_hat = m / rms(m)``: the norm weights are folded into the projection rows, which are also put in
         the pair-interleaved order of `VarlenAttention.project` and rotated together.
 
@@ -405,15 +406,17 @@ class TwoWayBlock(nn.Module):
             x_hat (Tm, D), keys of query->image (Tm, h, d) and queries of image->query (Tm, h, d), both rotated.
         """
         q2i, i2q = self.cross_attn_query_to_image, self.cross_attn_image_to_query
-        heads, head_dim, width = q2i.num_heads, q2i.head_dim, memory.shape[-1]
+        heads, head_dim, rows = q2i.num_heads, q2i.head_dim, memory.shape[0]
         order = _pair_interleaved_order(heads, head_dim, memory.device)
-        order = torch.cat([order, order + width])
-        weight = torch.cat([q2i.k_proj.weight * self.norm3.weight, i2q.q_proj.weight * self.norm6.weight])
-        bias = torch.cat([q2i.k_proj.bias, i2q.q_proj.bias])
+        weight = torch.stack([q2i.k_proj.weight * self.norm3.weight, i2q.q_proj.weight * self.norm6.weight])
+        weight = weight.index_select(1, order)  # 2 x D_out x D_in, rows pair-interleaved
+        bias = torch.stack([q2i.k_proj.bias, i2q.q_proj.bias]).index_select(1, order)  # 2 x D_out
         x_hat = _RMSNormalizeFP32.apply(memory, self.norm3.eps)
-        keys_queries = F.linear(x_hat, weight.index_select(0, order), bias.index_select(0, order))
-        keys_queries = _rotate_pairs(keys_queries.view(memory.shape[0], 2, heads, head_dim), memory_pe)
-        keys, queries = keys_queries.unbind(1)
+        # 2 x Tm x D: one batched product whose two halves (keys, queries) each come out contiguous, as the
+        # attention products that read them want (a (Tm, 2D) layout makes those products markedly slower on CPU)
+        keys_queries = torch.baddbmm(bias[:, None, :], x_hat.expand(2, *x_hat.shape), weight.transpose(1, 2))
+        keys_queries = _rotate_pairs(keys_queries.view(2, rows, heads, head_dim), memory_pe, token_dim=1)
+        keys, queries = keys_queries.unbind(0)
         return x_hat, keys, queries
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "cell_positions",
     "collate_cells",
     "load_cell_records",
+    "load_coco_cell_records",
     "pretrain_vision",
     "rescale_cell_features",
 ]
@@ -107,6 +108,38 @@ def load_cell_records(paths: Sequence[str | os.PathLike], image_dirs: Sequence[s
             records.append({"image": os.path.join(folder, rec["image"]), "objects": rec.get("objects", [])})
         if len(records) == before:
             raise ValueError(f"{path} holds no records")
+    return records
+
+
+def load_coco_cell_records(
+    coco_paths: Sequence[str | os.PathLike], image_dirs: Sequence[str | os.PathLike], attributes: Sequence[str]
+) -> list[dict]:
+    """Records of COCO instance files whose annotations carry `attributes` (as the shapes' `coco_{split}.json`), one per
+    image, each object labelled by its attribute values joined by spaces (e.g. ("colour", "kind") -> "red circle").
+
+    Raises:
+        ValueError: when the counts of files and folders differ, a file has no images, or an annotation lacks an
+            attribute.
+    """
+    import json
+
+    if len(coco_paths) != len(image_dirs):
+        raise ValueError(f"{len(coco_paths)} COCO files but {len(image_dirs)} image folders: give one folder per file")
+    records = []
+    for path, folder in zip(coco_paths, image_dirs):
+        coco = json.loads(Path(path).read_text())
+        if not coco.get("images"):
+            raise ValueError(f"{path} holds no images")
+        by_id = {im["id"]: {"image": os.path.join(folder, im["file_name"]), "objects": []} for im in coco["images"]}
+        for ann in coco.get("annotations", []):
+            values = ann.get("attributes", {})
+            missing = [a for a in attributes if a not in values]
+            if missing:
+                raise ValueError(f"{path}: annotation {ann.get('id')} has no attribute(s) {missing}")
+            by_id[ann["image_id"]]["objects"].append(
+                {"rle": ann["segmentation"], "label": " ".join(str(values[a]) for a in attributes)}
+            )
+        records.extend(by_id.values())
     return records
 
 

@@ -5,6 +5,7 @@
 
 Each data folder is a `src/preprocess/make_shapes.py` output: its `ovd_train.jsonl` (one record per image, every
 object's mask and kind) gives the training cells; the first folder's `ovd_val.jsonl` gives the reported accuracy.
+With `--cell-classes colour_kind` the classes are colour x kind, read from `coco_train.json` / `coco_val.json`.
 A rerun resumes from the last checkpoint in OUT/init_vision/trainer.
 """
 
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup-steps", type=int, default=50)
     ap.add_argument("--min-coverage", type=float, default=0.3,
                     help="least fraction of a cell an object must cover to give the cell its class (default 0.3)")
+    ap.add_argument("--cell-classes", choices=("kind", "colour_kind"), default="kind",
+                    help="what a cell's class names: the object's kind (default; from ovd_*.jsonl) or its colour and "
+                         "kind (from coco_*.json attributes; an experiment, see docs/shapes.md)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-images", type=int, default=300,
                     help="held-out images of the first folder's val split to report accuracy on (0 = none)")
@@ -36,18 +40,26 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import TrainingArguments
 
-    from padt.vision_pretrain import load_cell_records, pretrain_vision
+    from padt.vision_pretrain import load_cell_records, load_coco_cell_records, pretrain_vision
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     folders = [Path(d) for d in args.data]
     for folder in folders:
         if not (folder / "manifest.json").is_file():
             ap.error(f"{folder} has no manifest.json: pass folders written by src/preprocess/make_shapes.py")
-    class_names = json.loads((folders[0] / "manifest.json").read_text())["options"]["kinds"]
-    train = load_cell_records([f / "ovd_train.jsonl" for f in folders], [f / "images" for f in folders])
-    held_out = []
-    if args.eval_images:
-        held_out = load_cell_records([folders[0] / "ovd_val.jsonl"], [folders[0] / "images"])[: args.eval_images]
+    options = json.loads((folders[0] / "manifest.json").read_text())["options"]
+    images = [f / "images" for f in folders]
+    if args.cell_classes == "kind":
+        class_names = options["kinds"]
+        train = load_cell_records([f / "ovd_train.jsonl" for f in folders], images)
+        held_out = load_cell_records([folders[0] / "ovd_val.jsonl"], images[:1]) if args.eval_images else []
+    else:
+        class_names = [f"{colour} {kind}" for colour in options["colours"] for kind in options["kinds"]]
+        train = load_coco_cell_records([f / "coco_train.json" for f in folders], images, ("colour", "kind"))
+        held_out = []
+        if args.eval_images:
+            held_out = load_coco_cell_records([folders[0] / "coco_val.json"], images[:1], ("colour", "kind"))
+    held_out = held_out[: args.eval_images]
     training_args = TrainingArguments(
         max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps,

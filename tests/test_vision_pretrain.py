@@ -183,3 +183,55 @@ def test_script_rejects_folders_without_manifest(tmp_path, capsys):
     with pytest.raises(SystemExit):
         pretrain_shapes_vision.main(["--model", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "has no manifest.json" in capsys.readouterr().err
+
+
+def test_load_coco_cell_records_labels_objects_by_their_attributes(tmp_path):
+    from padt.vision_pretrain import load_coco_cell_records
+
+    rle = _obj(np.ones((4, 4), np.uint8), "x")["rle"]
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+        "annotations": [
+            {"id": 1, "image_id": 2, "segmentation": rle, "attributes": {"colour": "red", "kind": "circle"}},
+            {"id": 2, "image_id": 2, "segmentation": rle, "attributes": {"colour": "blue", "kind": "square"}},
+        ],
+    }
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(coco))
+    recs = load_coco_cell_records([path], [tmp_path / "imgs"], ("colour", "kind"))
+    assert [r["image"] for r in recs] == [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "b.png")]
+    assert recs[0]["objects"] == [] and [o["label"] for o in recs[1]["objects"]] == ["red circle", "blue square"]
+    assert recs[1]["objects"][0]["rle"] == rle
+    with pytest.raises(ValueError, match=r"annotation 1 has no attribute\(s\) \['size'\]"):
+        load_coco_cell_records([path], [tmp_path], ("size",))
+    with pytest.raises(ValueError, match="one folder per file"):
+        load_coco_cell_records([path], [], ("kind",))
+    (tmp_path / "empty.json").write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(ValueError, match="holds no images"):
+        load_coco_cell_records([tmp_path / "empty.json"], [tmp_path], ("kind",))
+
+
+def test_script_colour_kind_classes_come_from_the_coco_attributes(pretrained, monkeypatch, tmp_path):
+    import padt.vision_pretrain as vp
+
+    seen = {}
+
+    def fake_pretrain(model, train, class_names, out, training_args, eval_records, min_coverage):
+        seen.update(train=train, class_names=class_names, eval_records=eval_records)
+        Path(out).mkdir(parents=True)
+        return {"train_loss": 0.0}
+
+    monkeypatch.setattr(vp, "pretrain_vision", fake_pretrain)
+    data = pretrained["root"] / "data"
+    pretrain_shapes_vision.main(["--model", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "o"),
+                                 "--cell-classes", "colour_kind", "--eval-images", "5"])
+    assert seen["class_names"] == ["red square", "red triangle", "blue square", "blue triangle"]
+    assert len(seen["train"]) == 64 and len(seen["eval_records"]) == 5
+    labels = {o["label"] for r in seen["train"] for o in r["objects"]}
+    assert labels and labels <= set(seen["class_names"])
+    coco = json.loads((data / "coco_train.json").read_text())
+    first = coco["annotations"][0]
+    want = f"{first['attributes']['colour']} {first['attributes']['kind']}"
+    image = next(r for r in seen["train"] if r["image"].endswith(
+        next(im["file_name"] for im in coco["images"] if im["id"] == first["image_id"])))
+    assert image["objects"][0]["label"] == want
