@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="standard: top-1 per sample; paper: also the authors' best-of-N echo-keyed numbers")
     ap.add_argument("--batch-size", type=int, default=8, help="samples per generate call (left padding)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--distinct-vrts", action="store_true",
+                    help="forbid repeating a VRT within one object's run while generating (padt.vrt_generation; "
+                         "off = the authors' greedy decoding)")
     ap.add_argument("--annotations", help="ovd: official COCO annotations (else the records are the ground truth)")
     ap.add_argument("--limit", type=int, help="evaluate only the first N samples of each split")
     ap.add_argument("--caption-metrics", nargs="+", choices=ALL_METRICS, default=list(DEFAULT_METRICS),
@@ -66,7 +69,7 @@ def _predictor_factory(args: argparse.Namespace, dist: distributed.DistInfo):
         device = args.device or (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
         return PaDTPredictor.from_pretrained(args.model, device=device, dtype=dtype,
-                                             max_new_tokens=args.max_new_tokens)
+                                             max_new_tokens=args.max_new_tokens, distinct_vrts=args.distinct_vrts)
 
     return load
 
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         task=args.task, protocol=args.protocol, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         annotations=args.annotations, limit=args.limit, caption_metrics=args.caption_metrics,
         tokenizer=args.caption_tokenizer, progress=not args.no_progress, overwrite=args.overwrite,
-        verbose=args.verbose,
+        verbose=args.verbose, extra_meta={"distinct_vrts": True} if args.distinct_vrts else {},
     )
     factory = None if args.metrics_only else _predictor_factory(args, dist)
     try:

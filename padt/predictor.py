@@ -16,10 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import LogitsProcessorList
 
 from padt.modeling import PaDTForConditionalGeneration
 from padt.parsing import gather_object_features
 from padt.processing import PaDTProcessor, load_image
+from padt.vrt_generation import DistinctVRTLogitsProcessor
 
 
 @dataclass
@@ -77,10 +79,18 @@ def mask_to_image(mask_logits: torch.Tensor, valid_hw: tuple[int, int], upscale:
 class PaDTPredictor:
     """Batched inference: prompts -> generate -> parse VRT runs -> `vl_decode` -> boxes/masks in image pixels."""
 
-    def __init__(self, model: PaDTForConditionalGeneration, processor: PaDTProcessor, max_new_tokens: int = 256):
+    def __init__(
+        self,
+        model: PaDTForConditionalGeneration,
+        processor: PaDTProcessor,
+        max_new_tokens: int = 256,
+        distinct_vrts: bool = False,
+    ):
+        """`distinct_vrts`: forbid repeating a VRT within one object's run (`padt.vrt_generation`; off = authors')."""
         self.model = model.eval()
         self.processor = processor
         self.max_new_tokens = max_new_tokens
+        self.distinct_vrts = distinct_vrts
 
     @classmethod
     def from_pretrained(
@@ -111,6 +121,10 @@ class PaDTPredictor:
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")
         pil = [load_image(im) for im in images]
         inputs = self.processor(images=pil, prompts=prompts).to(self.model.device)
+        if self.distinct_vrts:
+            processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+            processors.append(DistinctVRTLogitsProcessor(self.model.config.vrt_base_id))
+            generate_kwargs["logits_processor"] = processors
         out = self.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
