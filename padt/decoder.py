@@ -57,6 +57,12 @@ FEATURE_ORDERS = ("window", "merge_block")
 RotaryPE = tuple[torch.Tensor, torch.Tensor]
 
 
+def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x * rstd, rstd)`` with ``rstd = rsqrt(mean(x^2) + eps)`` of shape (..., 1): the forward of every fp32 norm."""
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x * rstd, rstd
+
+
 class _RMSNormFP32(torch.autograd.Function):
     """``weight * (x * rsqrt(mean(x^2) + eps))`` for fp32 ``x`` with a hand-written backward.
 
@@ -66,8 +72,7 @@ class _RMSNormFP32(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        x_hat = x * rstd
+        x_hat, rstd = _normalize(x, eps)
         ctx.save_for_backward(x_hat, rstd, weight)
         return weight * x_hat
 
@@ -91,8 +96,7 @@ class _RMSNormalizeFP32(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        x_hat = x * rstd
+        x_hat, rstd = _normalize(x, eps)
         ctx.save_for_backward(x_hat, rstd)
         return x_hat
 
@@ -137,8 +141,7 @@ class _RMSNormPairFP32(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, eps: float):
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        x_hat = x * rstd
+        x_hat, rstd = _normalize(x, eps)
         ctx.save_for_backward(x_hat, rstd, weight_a, weight_b)
         return weight_a * x_hat, weight_b * x_hat
 

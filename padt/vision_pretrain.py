@@ -17,6 +17,7 @@ processor as the starting point of `padt.train`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -121,8 +122,6 @@ def load_coco_cell_records(
         ValueError: when the counts of files and folders differ, a file has no images, or an annotation lacks an
             attribute.
     """
-    import json
-
     if len(coco_paths) != len(image_dirs):
         raise ValueError(f"{len(coco_paths)} COCO files but {len(image_dirs)} image folders: give one folder per file")
     records = []
