@@ -65,6 +65,17 @@ class PaDTTrainingArguments(TrainingArguments):
         metadata={"help": "Learning rate of the vision tower (visual.*) = learning_rate x this (1 = the authors' single "
                           "rate). Below 1 keeps more of a pretrained tower's features (see padt/vision_pretrain.py)."},
     )
+    cell_class_loss_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the cell-category auxiliary loss (padt/cell_class_loss.py; not in the authors' "
+                          "code): the merged features of the cells of objects labelled with one of --cell_class_names "
+                          "should point at that name's word embedding. For towers trained from scratch. 0 = off."},
+    )
+    cell_class_names: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Categories of the cell-class loss (object labels, e.g. the OVD kinds: square circle "
+                          "triangle); needed when --cell_class_loss_coef > 0."},
+    )
     warmup_prototype_steps: int = field(
         default=300,
         metadata={"help": "For the first N optimizer steps the decoder is fed the ground-truth VRT prototypes instead of "
@@ -133,6 +144,14 @@ class PaDTTrainingArguments(TrainingArguments):
         for name in LOSS_COEF_FIELDS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.cell_class_loss_coef < 0:
+            raise ValueError(f"cell_class_loss_coef must be >= 0, got {self.cell_class_loss_coef}")
+        if self.cell_class_loss_coef > 0 and len(self.cell_class_names) < 2:
+            raise ValueError("cell_class_loss_coef > 0 needs at least two --cell_class_names (the object labels to "
+                             f"learn), got {self.cell_class_names}")
+        if self.cell_class_names and self.cell_class_loss_coef == 0:
+            raise ValueError(f"--cell_class_names {self.cell_class_names} given but cell_class_loss_coef is 0: set "
+                             "a weight or drop the names")
         if self.decoder_lr_scale <= 0:
             raise ValueError(f"decoder_lr_scale must be > 0, got {self.decoder_lr_scale}")
         if self.vision_lr_scale <= 0:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from padt.cell_class_loss import CellClasses
 from padt.losses import PaDTCriterion
 from padt.train_args import PaDTTrainingArguments
 
@@ -133,19 +134,27 @@ class PaDTTrainer(Trainer):
         args (`PaDTTrainingArguments`).
         data_collator: a `padt.data.PaDTCollator` (its `set_epoch` is called every epoch).
         criterion (`PaDTCriterion`, *optional*): default `build_criterion(args)`.
+        cell_classes (`CellClasses`, *optional*): the cell-class auxiliary loss; by default built from
+            `args.cell_class_names` with the `processing_class`'s tokenizer when `args.cell_class_loss_coef > 0`.
         Other keyword arguments go to `Trainer` (`train_dataset`, `eval_dataset`, `processing_class`, `callbacks`...).
     """
 
     loss_is_scaled_for_ga = False  # per-micro-batch means: the Trainer divides by the accumulation steps
 
     def __init__(self, model: nn.Module, args: PaDTTrainingArguments, data_collator: Any,
-                 criterion: PaDTCriterion | None = None, **kwargs: Any):
+                 criterion: PaDTCriterion | None = None, cell_classes: CellClasses | None = None, **kwargs: Any):
         if not isinstance(args, PaDTTrainingArguments):
             raise TypeError(f"args must be PaDTTrainingArguments, got {type(args).__name__}")
         if data_collator is None:
             raise ValueError("PaDTTrainer needs the PaDT collator (data_collator=PaDTCollator(...))")
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         self.criterion = criterion if criterion is not None else build_criterion(args)
+        if cell_classes is None and args.cell_class_loss_coef > 0:
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            if tokenizer is None:
+                raise ValueError("cell_class_loss_coef > 0 needs processing_class (its tokenizer encodes the names)")
+            cell_classes = CellClasses.from_tokenizer(args.cell_class_names, tokenizer, args.cell_class_loss_coef)
+        self.cell_classes = cell_classes
         self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list),
                                                                    "eval": defaultdict(list)}
         self._window = {"train": self._new_window(), "eval": self._new_window()}
@@ -191,7 +200,8 @@ class PaDTTrainer(Trainer):
         from padt.training_step import compute_padt_loss
 
         loss, logs = compute_padt_loss(model, inputs, criterion=self.criterion,
-                                       use_prototype_features=self.use_prototype_features())
+                                       use_prototype_features=self.use_prototype_features(),
+                                       cell_classes=self.cell_classes)
         self._record("train" if model.training else "eval", logs, inputs)
         return (loss, logs) if return_outputs else loss
 

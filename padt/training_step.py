@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from padt.cell_class_loss import CellClasses, cell_class_loss, cell_class_targets
 from padt.losses import PaDTCriterion, pad_gt_masks
 
 __all__ = ["compute_padt_loss", "object_features", "unwrap_padt_model"]
@@ -159,6 +160,7 @@ def compute_padt_loss(
     *,
     criterion: PaDTCriterion,
     use_prototype_features: bool,
+    cell_classes: CellClasses | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one collated batch (training contract).
 
@@ -170,9 +172,11 @@ def compute_padt_loss(
             `completion_mask (B, C)`, `vrt_rows (N_vrt, 2)`, `robust_cell_mask (N_vrt, N_cells)`, `objects`.
         criterion: the losses and their weights.
         use_prototype_features: warm-up: feed the decoder the prototypes of the objects' VRT cells.
+        cell_classes: when given, adds `weight x loss_cell_class` (`padt.cell_class_loss`; not in the authors' code).
     Returns:
         `(loss, logs)`: the weighted total (scalar, differentiable) and detached scalars: every loss key, `iou`,
-        `giou`, the authors' `sft_loss`/`bbox_loss`/`score_loss`/`mask_loss`, `loss`, `num_objects`.
+        `giou`, the authors' `sft_loss`/`bbox_loss`/`score_loss`/`mask_loss`, `loss`, `num_objects`, and with
+        `cell_classes` `loss_cell_class` and `cell_class_accuracy` (the latter only when a cell was labelled).
     """
     input_ids = batch["input_ids"]
     prompt_length = int(batch["prompt_length"])
@@ -249,6 +253,20 @@ def compute_padt_loss(
         extra = decoded["dummy_loss"] + _unused_head_link(decoded, criterion)
 
     total = criterion.weighted_total(losses) + extra
+    if cell_classes is not None:
+        state = out.padt_state
+        if state is None or state.image_embeds is None:
+            raise ValueError("the cell-class loss needs images (pixel_values, image_grid_thw) in the batch")
+        embedding = unwrap_padt_model(model).get_input_embeddings().weight
+        if embedding.numel() == 0:
+            raise ValueError("the cell-class loss reads the input embedding, which is partitioned here (ZeRO-3); "
+                             "use ZeRO-2 or turn the loss off")
+        targets = cell_class_targets(objects, cell_classes.names, state.image_embeds.shape[0])
+        loss_cells, accuracy = cell_class_loss(state.image_embeds, cell_classes.class_vectors(embedding), targets)
+        losses["loss_cell_class"] = loss_cells
+        total = total + cell_classes.weight * loss_cells
+        if accuracy is not None:
+            losses["cell_class_accuracy"] = accuracy
 
     logs = {k: v.detach() for k, v in losses.items()}
     logs.update({k: v.detach() for k, v in criterion.aggregates(losses).items()})

@@ -1,0 +1,122 @@
+"""Cell-category auxiliary loss: each labelled image cell's feature should point at its category's word embedding.
+
+Not in the authors' code. Their tower comes pretrained with Qwen2.5-VL and already tells object categories apart; a
+tower trained from scratch (the tiny shapes model, docs/shapes.md) learns the colours of the shapes but hardly their
+kind, because the PaDT losses ask for it only indirectly. This term asks for it directly, with no new parameters:
+
+    logits[c, k] = E_img[c] . mean(word embedding rows of class name k)          (N_labelled, K)
+    loss_cell_class = cross_entropy(logits, class of cell c)
+
+`E_img` are the raw merger outputs of the batch's images (what the LLM reads at `<|image_pad|>`), and the class
+vectors are the LLM's own input-embedding rows of the class names' tokens. So the term lives entirely in the model: it
+needs no head to save, load or synchronise across ranks. A cell is labelled when it is a foreground cell (`fg_cells`)
+of a batch object whose `label` is one of the class names (in the shapes data: the OVD records' objects, whose labels
+are the kinds), and of no object with another label; all other cells are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CellClasses", "cell_class_loss", "cell_class_targets"]
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class CellClasses:
+    """The categories of the cell-class loss and its weight.
+
+    Attributes:
+        names: category names, matched exactly against object labels.
+        token_ids: per name, its token ids (their input-embedding rows are averaged into the class vector).
+        weight: weight of `loss_cell_class` in the total loss (> 0).
+    """
+
+    names: tuple[str, ...]
+    token_ids: tuple[tuple[int, ...], ...]
+    weight: float
+
+    def __post_init__(self) -> None:
+        if len(self.names) < 2:
+            raise ValueError(f"the cell-class loss needs at least 2 class names, got {list(self.names)}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"cell class names repeat: {list(self.names)}")
+        if len(self.token_ids) != len(self.names) or any(len(ids) == 0 for ids in self.token_ids):
+            raise ValueError(f"every cell class name needs at least one token id, got {list(self.token_ids)} for "
+                             f"{list(self.names)}")
+        if len(set(self.token_ids)) != len(self.names):
+            raise ValueError(f"two cell class names encode to the same tokens: {list(self.token_ids)}")
+        if not self.weight > 0:
+            raise ValueError(f"the cell-class loss weight must be > 0, got {self.weight}")
+
+    @classmethod
+    def from_tokenizer(cls, names: Sequence[str], tokenizer: Any, weight: float) -> CellClasses:
+        """Encode each name without special tokens."""
+        ids = tuple(tuple(int(i) for i in tokenizer.encode(n, add_special_tokens=False)) for n in names)
+        return cls(tuple(names), ids, float(weight))
+
+    def class_vectors(self, embedding: torch.Tensor) -> torch.Tensor:
+        """`(K, H)`: the mean input-embedding row of each name's tokens (`embedding` is `(vocab, H)`)."""
+        return torch.stack([embedding[list(ids)].mean(0) for ids in self.token_ids])
+
+
+def cell_class_targets(
+    objects: Sequence[Sequence[Mapping[str, Any]]], names: Sequence[str], num_cells: int
+) -> torch.Tensor:
+    """Class index of every global cell of the batch, or `IGNORE` (-100).
+
+    Args:
+        objects: the collator's objects, per sample, per object, with `fg_cells` (global cell indices) and `label`.
+        names: the class names; an object whose label is not one of them claims its cells as "unlabelled".
+        num_cells: N_cells of the batch.
+    Returns:
+        `torch.LongTensor` of shape `(N_cells,)`. A cell claimed by objects of two different classes, or by any
+        object with another label, is `IGNORE`.
+    """
+    index = {name: k for k, name in enumerate(names)}
+    targets = torch.full((num_cells,), IGNORE, dtype=torch.long)
+    conflict = torch.zeros(num_cells, dtype=torch.bool)
+    for objs in objects:
+        for obj in objs:
+            cells = torch.as_tensor([int(c) for c in obj["fg_cells"]], dtype=torch.long)
+            if cells.numel() and (int(cells.min()) < 0 or int(cells.max()) >= num_cells):
+                raise ValueError(f"object fg_cells {cells.tolist()} outside the batch's {num_cells} cells")
+            k = index.get(obj.get("label") or "", -1)
+            if k < 0:
+                conflict[cells] = True
+                continue
+            current = targets[cells]
+            conflict[cells[(current != IGNORE) & (current != k)]] = True
+            targets[cells] = k
+    targets[conflict] = IGNORE
+    return targets
+
+
+def cell_class_loss(
+    image_embeds: torch.Tensor, class_vectors: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean cross-entropy of the labelled cells and their accuracy.
+
+    Args:
+        image_embeds (`torch.Tensor` of shape `(N_cells, H)`): merger outputs.
+        class_vectors (`torch.Tensor` of shape `(K, H)`).
+        targets (`torch.LongTensor` of shape `(N_cells,)`): from `cell_class_targets`.
+    Returns:
+        `(loss, accuracy)`: a scalar (0, still connected to the graph, when no cell is labelled) and the accuracy of
+        the labelled cells (None when there are none).
+    """
+    if image_embeds.shape[0] != targets.shape[0]:
+        raise ValueError(f"{image_embeds.shape[0]} cell features but {targets.shape[0]} cell targets")
+    keep = (targets != IGNORE).nonzero().squeeze(1).to(image_embeds.device)
+    if keep.numel() == 0:
+        return image_embeds.sum() * 0.0 + class_vectors.sum() * 0.0, None
+    logits = image_embeds.index_select(0, keep).float() @ class_vectors.float().T
+    labels = targets.to(image_embeds.device).index_select(0, keep)
+    accuracy = (logits.argmax(-1) == labels).float().mean().detach()
+    return F.cross_entropy(logits, labels), accuracy
