@@ -22,6 +22,8 @@ Environment:
   NUM_IMAGES (4000)     training scenes           NUM_VAL (300)      held-out scenes
   SEED (0)              data seed                 EVAL (1)           evaluate after training
   VISION_STEPS (0)      vision pretraining steps before PaDT training (0 = none, the shipped recipe; e.g. 2000)
+  CELL_CLASS_COEF (0)   weight of the cell-category loss on the scenes' kinds (padt/cell_class_loss.py; 0 = off;
+                        the shipped model's last legs used 0.5 and 1)
   DATA_DIR              data folder to use or create (default OUTPUT_DIR/data; the ablations share one)
   EXTRA_DATA_DIRS       more generated training sets to mix in, space-separated (made beforehand with
                         src/preprocess/make_shapes.py and another --seed; same image size; evaluation stays on DATA_DIR)
@@ -93,13 +95,21 @@ if [[ "${VISION_STEPS:-0}" != "0" ]]; then
     STAGE0_FLAGS=(--vision_lr_scale 0.1)
 fi
 
+# Optional cell-category loss (CELL_CLASS_COEF > 0): the kinds of the scenes (manifest.json) are its classes
+CELL_FLAGS=()
+if [[ "${CELL_CLASS_COEF:-0}" != "0" ]]; then
+    read -r -a KINDS <<< "$("${PYTHON}" -c 'import json, sys; print(*json.load(open(sys.argv[1]))["options"]["kinds"])' \
+        "${DATA}/manifest.json")"
+    CELL_FLAGS=(--cell_class_loss_coef "${CELL_CLASS_COEF}" --cell_class_names "${KINDS[@]}")
+fi
+
 "${PYTHON}" -m padt.train --config "${ROOT}/configs/train/tiny_shapes.yaml" \
     --model_name_or_path "${INIT}" \
     --data_file_paths "${FILES}" \
     --image_folders "${FOLDERS}" \
     --output_dir "${OUT}/run" \
     --min_pixels "${PIXELS}" --max_pixels "${PIXELS}" \
-    "${STAGE0_FLAGS[@]}" "$@"
+    "${STAGE0_FLAGS[@]}" "${CELL_FLAGS[@]}" "$@"
 
 if [[ "${EVAL:-1}" != "0" ]]; then
     LIMIT=()

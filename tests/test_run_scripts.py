@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SCRIPTS = ROOT / "run_scripts"
@@ -153,6 +154,27 @@ def test_shapes_script_pretrains_the_vision_tower_first(tmp_path):
     key = next(k for k in init if k.endswith("patch_embed.proj.weight"))
     # one step at the first warm-up rate moves the weights far less than the vision pretraining did
     assert (run_[key] - vision[key]).norm() < 0.1 * (vision[key] - init[key]).norm()
+
+
+def test_shapes_script_cell_class_loss_uses_the_kinds_of_the_data(tmp_path):
+    """CELL_CLASS_COEF > 0 adds the cell-category loss with the kinds of the set's manifest as its classes."""
+    from padt.shapes import ShapesConfig, generate_dataset
+
+    generate_dataset(tmp_path / "data", {"train": 4, "val": 1}, seed=0,
+                     config=ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7),
+                                         kinds=("square", "triangle")))
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "CELL_CLASS_COEF": "0.5",
+           "EVAL": "0", "OMP_NUM_THREADS": "2"}
+    # one batch holds all 12 records (4 scenes x REC/OVD/RIC), so every step has OVD objects with kind labels
+    proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out"), "--max_steps", "2",
+                "--per_device_train_batch_size", "12", "--logging_steps", "1", "--save_steps", "100"],
+               env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = torch.load(tmp_path / "out" / "run" / "training_args.bin", weights_only=False)
+    assert args.cell_class_names == ["square", "triangle"] and args.cell_class_loss_coef == 0.5
+    state = json.loads((tmp_path / "out" / "run" / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "loss_cell_class" in e]
+    assert len(logged) == 2 and all(e["loss_cell_class"] > 0 for e in logged)
 
 
 def test_entry_point_help_names_the_padt_arguments():
