@@ -4,6 +4,10 @@ scene, the training data's options and seed, and a model card with the evaluatio
     python src/package_shapes_model.py --run OUT/run --data OUT/data --eval OUT/eval \
         --vision-pretrain OUT/init_vision/vision_pretrain.json --out padt/assets/tiny_default
 
+A run that started from an earlier packaged model (a continuation with a fresh schedule, not a resume) passes that
+folder as `--continued-from`: its `training_log.json` is kept in front of the new run's, whose steps are shifted by
+the earlier log's last step, so the shipped log covers the whole lineage.
+
 A model trained on several generated sets (e.g. a continuation on scenes of another seed) lists them all: `--data
 FIRST MORE...`. The first set gives the sample scene and the options; every set must have the same options, and
 `training_data.json` then records each set's seed and counts under `training_sets`.
@@ -29,10 +33,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="destination folder (its model files are replaced)")
     ap.add_argument("--vision-pretrain", default=None,
                     help="vision_pretrain.json of the run's stage 0 (OUT/init_vision), copied next to the model")
+    ap.add_argument("--continued-from", default=None,
+                    help="packaged model folder the run started from; its training_log.json is prepended")
     ap.add_argument("--sample", default="images/val_000000.png", help="image (relative to --data) shipped as sample.png")
     args = ap.parse_args(argv)
 
     run, out = Path(args.run), Path(args.out)
+    earlier: list[dict] = []
+    if args.continued_from:
+        log = Path(args.continued_from) / "training_log.json"
+        if not log.is_file():
+            raise SystemExit(f"--continued-from {args.continued_from} has no training_log.json")
+        earlier = json.loads(log.read_text())
     data_dirs = [Path(d) for d in args.data]
     data = data_dirs[0]
     missing = [f for f in MODEL_FILES if not (run / f).is_file()]
@@ -58,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     state = run / "trainer_state.json"
     if state.is_file():
         history = json.loads(state.read_text())["log_history"]
-        (out / "training_log.json").write_text(json.dumps([e for e in history if "loss_ce" in e]) + "\n")
+        offset = earlier[-1]["step"] if earlier else 0
+        entries = earlier + [{**e, "step": e["step"] + offset} for e in history if "loss_ce" in e]
+        (out / "training_log.json").write_text(json.dumps(entries) + "\n")
     if args.eval:
         from padt.evaluation.table import format_table, load_summary
 

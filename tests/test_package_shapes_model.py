@@ -51,3 +51,20 @@ def test_one_set_has_no_training_sets_and_other_options_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="other options"):
         package.main(["--run", str(tmp_path / "run"), "--data", str(tmp_path / "a"), str(tmp_path / "c"),
                       "--out", str(tmp_path / "o2")])
+
+
+def test_a_continued_run_keeps_the_earlier_log_in_front_with_shifted_steps(tmp_path):
+    generate_dataset(tmp_path / "a", {"train": 1, "val": 1}, seed=0, config=SCENES)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "training_log.json").write_text(json.dumps([{"step": 25, "loss_ce": 3.0}, {"step": 50, "loss_ce": 2.0}]))
+    run = fake_run(tmp_path)
+    (run / "trainer_state.json").write_text(json.dumps({"log_history": [
+        {"step": 25, "loss_ce": 1.0}, {"step": 25, "train_runtime": 9.0}, {"step": 50, "loss_ce": 0.5}]}))
+    package.main(["--run", str(run), "--data", str(tmp_path / "a"), "--out", str(tmp_path / "o"),
+                  "--continued-from", str(earlier)])
+    log = json.loads((tmp_path / "o" / "training_log.json").read_text())
+    assert [(e["step"], e["loss_ce"]) for e in log] == [(25, 3.0), (50, 2.0), (75, 1.0), (100, 0.5)]
+    with pytest.raises(SystemExit, match="no training_log.json"):
+        package.main(["--run", str(run), "--data", str(tmp_path / "a"), "--out", str(tmp_path / "o"),
+                      "--continued-from", str(tmp_path / "a")])
