@@ -156,9 +156,10 @@ def test_decoder_warmup_uses_prototypes_for_the_first_steps(workspace, tmp_path,
     seen = []
     real = training_step.compute_padt_loss
 
-    def spy(model, batch, *, criterion, use_prototype_features):
+    def spy(model, batch, *, criterion, use_prototype_features, cell_classes=None):
         seen.append(use_prototype_features)
-        return real(model, batch, criterion=criterion, use_prototype_features=use_prototype_features)
+        return real(model, batch, criterion=criterion, use_prototype_features=use_prototype_features,
+                    cell_classes=cell_classes)
 
     monkeypatch.setattr(training_step, "compute_padt_loss", spy)
     build(workspace, train_args(tmp_path, max_steps=4, warmup_prototype_steps=2)).train()
