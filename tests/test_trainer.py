@@ -178,11 +178,14 @@ class StopAt(TrainerCallback):
         return control
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(workspace, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_from_checkpoint_equals_uninterrupted_run(workspace, tmp_path, workers):
     """k = 3 steps, killed, resumed to k + m = 6: same losses as one run (same order, same VRT picks). 8 samples in
-    batches of 2 make 4 steps per epoch, so the resumed part crosses an epoch boundary; warm-up ends after step 4."""
-    common = {"max_steps": 6, "warmup_prototype_steps": 4}
-    full = build(workspace, train_args(tmp_path / "full", **common))
+    batches of 2 make 4 steps per epoch, so the resumed part crosses an epoch boundary; warm-up ends after step 4.
+    The interrupted run may load batches in a worker process (it copies the collator, so the epoch must be set before
+    it starts); the reference run loads them in the main process."""
+    common = {"max_steps": 6, "warmup_prototype_steps": 4, "dataloader_num_workers": workers}
+    full = build(workspace, train_args(tmp_path / "full", **{**common, "dataloader_num_workers": 0}))
     full.train()
     killed = build(workspace, train_args(tmp_path / "killed", save_strategy="steps", save_steps=3, **common),
                    callbacks=[StopAt(3)])
