@@ -22,6 +22,7 @@ Environment:
   NUM_IMAGES (4000)     training scenes           NUM_VAL (300)      held-out scenes
   SEED (0)              data seed                 EVAL (1)           evaluate after training
   VISION_STEPS (0)      vision pretraining steps before PaDT training (0 = none, the shipped recipe; e.g. 2000)
+  VISION_CLASSES (kind) what stage 0 classifies each cell by: kind, or colour_kind (colour x kind)
   CELL_CLASS_COEF (0)   weight of the cell-category loss on the scenes' kinds (padt/cell_class_loss.py; 0 = off;
                         the shipped model's last legs used 0.5 and 1)
   DATA_DIR              data folder to use or create (default OUTPUT_DIR/data; the ablations share one)
@@ -89,7 +90,7 @@ STAGE0_FLAGS=()
 if [[ "${VISION_STEPS:-0}" != "0" ]]; then
     if [[ ! -f "${OUT}/init_vision/vision_pretrain.json" ]]; then
         "${PYTHON}" "${ROOT}/src/pretrain_shapes_vision.py" --model "${OUT}/init" --data "${DATA}" ${EXTRA_DATA_DIRS:-} \
-            --out "${OUT}/init_vision" --steps "${VISION_STEPS}"
+            --out "${OUT}/init_vision" --steps "${VISION_STEPS}" --cell-classes "${VISION_CLASSES:-kind}"
     fi
     INIT="${OUT}/init_vision"
     STAGE0_FLAGS=(--vision_lr_scale 0.1)

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         report_to="none", use_cpu=True, dataloader_num_workers=0,
     )
     report = pretrain_vision(args.model, train, class_names, args.out, training_args, held_out, args.min_coverage)
-    report.update(steps=args.steps, batch_size=args.batch_size, training_images=len(train))
+    report.update(cell_classes=args.cell_classes, num_classes=len(class_names), steps=args.steps,
+                  batch_size=args.batch_size, training_images=len(train))
     (Path(args.out) / "vision_pretrain.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
 

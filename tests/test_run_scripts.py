@@ -102,7 +102,7 @@ def test_tiny_script_usage():
 
 @pytest.mark.parametrize("name, words", [
     ("padt_tiny_shapes_sft.sh", ["OUTPUT_DIR", "NUM_IMAGES", "DATA_DIR", "EXTRA_DATA_DIRS", "INIT_FLAGS", "EVAL_LIMIT",
-                                 "VISION_STEPS"]),
+                                 "VISION_STEPS", "VISION_CLASSES"]),
     ("padt_tiny_shapes_ablations.sh", ["OUTPUT_DIR", "MAX_STEPS", "VARIANTS", "no_projection", "no_robust_ce",
                                        "all_vrt"]),
 ])
@@ -135,7 +135,8 @@ def test_shapes_script_refuses_extra_sets_it_cannot_mix(tmp_path):
 
 
 def test_shapes_script_pretrains_the_vision_tower_first(tmp_path):
-    """Stage 0 writes OUTPUT_DIR/init_vision, and PaDT training starts from it, not from the random init."""
+    """Stage 0 writes OUTPUT_DIR/init_vision (here on colour x kind classes), and PaDT training starts from it, not
+    from the random init."""
     from safetensors.torch import load_file
 
     from padt.shapes import ShapesConfig, generate_dataset
@@ -143,12 +144,13 @@ def test_shapes_script_pretrains_the_vision_tower_first(tmp_path):
     generate_dataset(tmp_path / "data", {"train": 8, "val": 2}, seed=0,
                      config=ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7)))
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "VISION_STEPS": "6",
-           "EVAL": "0", "OMP_NUM_THREADS": "2"}
+           "VISION_CLASSES": "colour_kind", "EVAL": "0", "OMP_NUM_THREADS": "2"}
     proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out"), "--max_steps", "1",
                 "--per_device_train_batch_size", "2", "--save_steps", "100"], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "init_vision" / "vision_pretrain.json").read_text())
     assert report["steps"] == 6 and report["training_images"] == 8
+    assert report["cell_classes"] == "colour_kind" and report["num_classes"] == 5 * 3  # the default colours x kinds
     init, vision, run_ = (load_file(str(tmp_path / "out" / d / "model.safetensors"))
                           for d in ("init", "init_vision", "run"))
     key = next(k for k in init if k.endswith("patch_embed.proj.weight"))
