@@ -10,12 +10,17 @@ kind, because the PaDT losses ask for it only indirectly. This term asks for it 
 `E_img` are the raw merger outputs of the batch's images (what the LLM reads at `<|image_pad|>`), and the class
 vectors are the LLM's own input-embedding rows of the class names' tokens. So the term lives entirely in the model: it
 needs no head to save, load or synchronise across ranks. A cell is labelled when it is a foreground cell (`fg_cells`)
-of a batch object whose `label` is one of the class names (in the shapes data: the OVD records' objects, whose labels
-are the kinds), and of no object with another label; all other cells are ignored.
+of a batch object whose `label` names a class, and of no object with another label; all other cells are ignored.
+
+How a label names a class (`match`): `"exact"`, the label is the class name (in the shapes data: the OVD records'
+objects, whose labels are the kinds); `"phrase"`, the class name occurs in the label as whole words, and no other class
+name does (the referring expression "the red square on the left" names the class "red square"). A class name of
+several words gets the mean embedding of all its tokens, so colour x kind classes tie each cell to both words.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CellClasses", "cell_class_loss", "cell_class_targets"]
+__all__ = ["MATCH_MODES", "CellClasses", "cell_class_loss", "cell_class_targets"]
 
 IGNORE = -100
+MATCH_MODES = ("exact", "phrase")
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,13 @@ class CellClasses:
         names: category names, matched exactly against object labels.
         token_ids: per name, its token ids (their input-embedding rows are averaged into the class vector).
         weight: weight of `loss_cell_class` in the total loss (> 0).
+        match: how an object label names a class, `"exact"` or `"phrase"` (module docstring).
     """
 
     names: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
     weight: float
+    match: str = "exact"
 
     def __post_init__(self) -> None:
         if len(self.names) < 2:
@@ -54,32 +62,55 @@ class CellClasses:
             raise ValueError(f"two cell class names encode to the same tokens: {list(self.token_ids)}")
         if not self.weight > 0:
             raise ValueError(f"the cell-class loss weight must be > 0, got {self.weight}")
+        _check_match(self.match)
 
     @classmethod
-    def from_tokenizer(cls, names: Sequence[str], tokenizer: Any, weight: float) -> CellClasses:
+    def from_tokenizer(cls, names: Sequence[str], tokenizer: Any, weight: float, match: str = "exact") -> CellClasses:
         """Encode each name without special tokens."""
         ids = tuple(tuple(int(i) for i in tokenizer.encode(n, add_special_tokens=False)) for n in names)
-        return cls(tuple(names), ids, float(weight))
+        return cls(tuple(names), ids, float(weight), match)
 
     def class_vectors(self, embedding: torch.Tensor) -> torch.Tensor:
         """`(K, H)`: the mean input-embedding row of each name's tokens (`embedding` is `(vocab, H)`)."""
         return torch.stack([embedding[list(ids)].mean(0) for ids in self.token_ids])
 
 
+def _check_match(match: str) -> None:
+    if match not in MATCH_MODES:
+        raise ValueError(f"cell-class match must be one of {MATCH_MODES}, got {match!r}")
+
+
+def label_classifier(names: Sequence[str], match: str = "exact"):
+    """`label -> class index or -1`: the class the label names under `match` (module docstring), -1 for none or,
+    with `"phrase"`, for a label naming several classes."""
+    _check_match(match)
+    if match == "exact":
+        index = {name: k for k, name in enumerate(names)}
+        return lambda label: index.get(label, -1)
+    patterns = [re.compile(r"(?<!\w)" + re.escape(name) + r"(?!\w)") for name in names]
+
+    def classify(label: str) -> int:
+        found = [k for k, pattern in enumerate(patterns) if pattern.search(label)]
+        return found[0] if len(found) == 1 else -1
+
+    return classify
+
+
 def cell_class_targets(
-    objects: Sequence[Sequence[Mapping[str, Any]]], names: Sequence[str], num_cells: int
+    objects: Sequence[Sequence[Mapping[str, Any]]], names: Sequence[str], num_cells: int, match: str = "exact"
 ) -> torch.Tensor:
     """Class index of every global cell of the batch, or `IGNORE` (-100).
 
     Args:
         objects: the collator's objects, per sample, per object, with `fg_cells` (global cell indices) and `label`.
-        names: the class names; an object whose label is not one of them claims its cells as "unlabelled".
+        names: the class names; an object whose label names none of them claims its cells as "unlabelled".
         num_cells: N_cells of the batch.
+        match: `"exact"` (the label is the name) or `"phrase"` (the label contains exactly one name as whole words).
     Returns:
         `torch.LongTensor` of shape `(N_cells,)`. A cell claimed by objects of two different classes, or by any
         object with another label, is `IGNORE`.
     """
-    index = {name: k for k, name in enumerate(names)}
+    classify = label_classifier(names, match)
     targets = torch.full((num_cells,), IGNORE, dtype=torch.long)
     conflict = torch.zeros(num_cells, dtype=torch.bool)
     for objs in objects:
@@ -87,7 +118,7 @@ def cell_class_targets(
             cells = torch.as_tensor([int(c) for c in obj["fg_cells"]], dtype=torch.long)
             if cells.numel() and (int(cells.min()) < 0 or int(cells.max()) >= num_cells):
                 raise ValueError(f"object fg_cells {cells.tolist()} outside the batch's {num_cells} cells")
-            k = index.get(obj.get("label") or "", -1)
+            k = classify(obj.get("label") or "")
             if k < 0:
                 conflict[cells] = True
                 continue

@@ -18,6 +18,8 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from padt.cell_class_loss import MATCH_MODES
+
 LOSS_COEF_FIELDS = (
     "ce_loss_coef", "bbox_loss_coef", "giou_loss_coef", "score_loss_coef", "dice_loss_coef", "mask_loss_coef",
 )  # fmt: skip
@@ -75,6 +77,12 @@ class PaDTTrainingArguments(TrainingArguments):
         default_factory=list,
         metadata={"help": "Categories of the cell-class loss (object labels, e.g. the OVD kinds: square circle "
                           "triangle); needed when --cell_class_loss_coef > 0."},
+    )
+    cell_class_match: str = field(
+        default="exact",
+        metadata={"help": "How an object label names a cell class: 'exact' (the label is the name, e.g. OVD kinds) or "
+                          "'phrase' (the label contains exactly one name as whole words, e.g. 'red square' in the "
+                          "referring expression 'the red square on the left')."},
     )
     warmup_prototype_steps: int = field(
         default=300,
@@ -149,6 +157,8 @@ class PaDTTrainingArguments(TrainingArguments):
         if self.cell_class_loss_coef > 0 and len(self.cell_class_names) < 2:
             raise ValueError("cell_class_loss_coef > 0 needs at least two --cell_class_names (the object labels to "
                              f"learn), got {self.cell_class_names}")
+        if self.cell_class_match not in MATCH_MODES:
+            raise ValueError(f"cell_class_match must be one of {MATCH_MODES}, got {self.cell_class_match!r}")
         if self.cell_class_names and self.cell_class_loss_coef == 0:
             raise ValueError(f"--cell_class_names {self.cell_class_names} given but cell_class_loss_coef is 0: set "
                              "a weight or drop the names")

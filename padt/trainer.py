@@ -153,7 +153,8 @@ class PaDTTrainer(Trainer):
             tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
             if tokenizer is None:
                 raise ValueError("cell_class_loss_coef > 0 needs processing_class (its tokenizer encodes the names)")
-            cell_classes = CellClasses.from_tokenizer(args.cell_class_names, tokenizer, args.cell_class_loss_coef)
+            cell_classes = CellClasses.from_tokenizer(args.cell_class_names, tokenizer, args.cell_class_loss_coef,
+                                                      args.cell_class_match)
         self.cell_classes = cell_classes
         self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list),
                                                                    "eval": defaultdict(list)}

@@ -261,7 +261,7 @@ def compute_padt_loss(
         if embedding.numel() == 0:
             raise ValueError("the cell-class loss reads the input embedding, which is partitioned here (ZeRO-3); "
                              "use ZeRO-2 or turn the loss off")
-        targets = cell_class_targets(objects, cell_classes.names, state.image_embeds.shape[0])
+        targets = cell_class_targets(objects, cell_classes.names, state.image_embeds.shape[0], cell_classes.match)
         loss_cells, accuracy = cell_class_loss(state.image_embeds, cell_classes.class_vectors(embedding), targets)
         losses["loss_cell_class"] = loss_cells
         total = total + cell_classes.weight * loss_cells

@@ -23,8 +23,10 @@ Environment:
   SEED (0)              data seed                 EVAL (1)           evaluate after training
   VISION_STEPS (0)      vision pretraining steps before PaDT training (0 = none, the shipped recipe; e.g. 2000)
   VISION_CLASSES (kind) what stage 0 classifies each cell by: kind, or colour_kind (colour x kind)
-  CELL_CLASS_COEF (0)   weight of the cell-category loss on the scenes' kinds (padt/cell_class_loss.py; 0 = off;
-                        the shipped model's last legs used 0.5 and 1)
+  CELL_CLASS_COEF (0)   weight of the cell-category loss (padt/cell_class_loss.py; 0 = off; the shipped model's
+                        last legs used 0.5 and 1 with CELL_CLASSES=kind)
+  CELL_CLASSES (kind)   its classes: kind (OVD objects' kinds) or colour_kind (the colour and kind each REC sentence
+                        names)
   DATA_DIR              data folder to use or create (default OUTPUT_DIR/data; the ablations share one)
   EXTRA_DATA_DIRS       more generated training sets to mix in, space-separated (made beforehand with
                         src/preprocess/make_shapes.py and another --seed; same image size; evaluation stays on DATA_DIR)
@@ -41,6 +43,13 @@ OUT="$1"
 shift
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 DATA="${DATA_DIR:-${OUT}/data}"
+# the cell-category loss's classes (used below with CELL_CLASS_COEF > 0): a Python expression over the manifest's
+# options `o`, and how object labels name them
+case "${CELL_CLASSES:-kind}" in
+    kind) NAMES_OF='o["kinds"]'; MATCH=exact ;;
+    colour_kind) NAMES_OF='[f"{c} {k}" for c in o["colours"] for k in o["kinds"]]'; MATCH=phrase ;;
+    *) echo "error: CELL_CLASSES must be kind or colour_kind, got '${CELL_CLASSES}'" >&2; exit 2 ;;
+esac
 
 if [[ ! -f "${DATA}/manifest.json" ]]; then
     "${PYTHON}" "${ROOT}/src/preprocess/make_shapes.py" --out "${DATA}" --num-images "${NUM_IMAGES:-4000}" \
@@ -96,12 +105,15 @@ if [[ "${VISION_STEPS:-0}" != "0" ]]; then
     STAGE0_FLAGS=(--vision_lr_scale 0.1)
 fi
 
-# Optional cell-category loss (CELL_CLASS_COEF > 0): the kinds of the scenes (manifest.json) are its classes
+# Optional cell-category loss (CELL_CLASS_COEF > 0) on the scenes' classes (manifest.json). CELL_CLASSES=kind: the
+# OVD objects' cells learn their kind (labels equal to a kind); colour_kind: the referred object's cells learn the
+# "colour kind" its REC sentence names (phrase match: "the red square on the left" -> "red square").
 CELL_FLAGS=()
 if [[ "${CELL_CLASS_COEF:-0}" != "0" ]]; then
-    read -r -a KINDS <<< "$("${PYTHON}" -c 'import json, sys; print(*json.load(open(sys.argv[1]))["options"]["kinds"])' \
-        "${DATA}/manifest.json")"
-    CELL_FLAGS=(--cell_class_loss_coef "${CELL_CLASS_COEF}" --cell_class_names "${KINDS[@]}")
+    NAMES_TEXT="$("${PYTHON}" -c "import json, sys; o = json.load(open(sys.argv[1]))['options']; \
+print(*${NAMES_OF}, sep='\n')" "${DATA}/manifest.json")"
+    mapfile -t NAMES <<< "${NAMES_TEXT}"
+    CELL_FLAGS=(--cell_class_loss_coef "${CELL_CLASS_COEF}" --cell_class_names "${NAMES[@]}" --cell_class_match "${MATCH}")
 fi
 
 "${PYTHON}" -m padt.train --config "${ROOT}/configs/train/tiny_shapes.yaml" \

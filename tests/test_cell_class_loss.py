@@ -27,6 +27,23 @@ def test_targets_label_cells_of_named_objects_and_ignore_conflicts():
         cell_class_targets([[{"fg_cells": [11], "label": "square"}]], ["square", "circle"], num_cells=11)
 
 
+def test_phrase_match_labels_cells_by_the_one_class_a_sentence_names():
+    """`match="phrase"`: a label names a class when the class name occurs in it as whole words and no other does."""
+    names = ["red square", "red circle", "blue square"]
+    objects = [[{"fg_cells": [0, 1], "label": "the red square on the left"},
+                {"fg_cells": [2], "label": "the blue square"},
+                {"fg_cells": [3], "label": "red squares"},  # not whole words
+                {"fg_cells": [4], "label": "the red square left of the red circle"},  # two classes: ambiguous
+                {"fg_cells": [5], "label": "red circle"},
+                {"fg_cells": [6], "label": ""}]]
+    assert cell_class_targets(objects, names, num_cells=8, match="phrase").tolist() == [
+        0, 0, 2, IGNORE, IGNORE, 1, IGNORE, IGNORE]
+    # the default, exact match, labels only the object whose label is a name
+    assert cell_class_targets(objects, names, num_cells=8).tolist() == [IGNORE] * 5 + [1, IGNORE, IGNORE]
+    with pytest.raises(ValueError, match="match must be one of"):
+        cell_class_targets(objects, names, num_cells=8, match="substring")
+
+
 def test_loss_is_the_cross_entropy_of_labelled_cells_and_reaches_features_and_class_vectors():
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(6, 8, generator=gen, requires_grad=True)
@@ -67,6 +84,8 @@ def test_class_vectors_average_each_names_token_rows_and_bad_classes_are_named()
         CellClasses(("a", "b"), ((1,), ()), 1.0)
     with pytest.raises(ValueError, match="weight must be > 0"):
         CellClasses(("a", "b"), ((1,), (2,)), 0.0)
+    with pytest.raises(ValueError, match="match must be one of"):
+        CellClasses(("a", "b"), ((1,), (2,)), 1.0, "fuzzy")
 
 
 def test_arguments_need_names_and_weight_together(tmp_path):
@@ -76,6 +95,8 @@ def test_arguments_need_names_and_weight_together(tmp_path):
         train_args(tmp_path, cell_class_names=["square", "circle"])
     with pytest.raises(ValueError, match="cell_class_loss_coef must be >= 0"):
         train_args(tmp_path, cell_class_loss_coef=-1.0, cell_class_names=["square", "circle"])
+    with pytest.raises(ValueError, match="cell_class_match must be one of"):
+        train_args(tmp_path, cell_class_loss_coef=1.0, cell_class_names=["square", "circle"], cell_class_match="word")
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +109,11 @@ def workspace(tmp_path_factory):
 def test_training_loss_adds_the_weighted_term_and_teaches_the_tower(workspace, tmp_path):
     """The term is `weight x loss_cell_class` on top of the PaDT total; its gradient reaches the ViT and the class
     names' embedding rows; a few steps on it alone raise the cells' class accuracy."""
-    trainer = build(workspace, train_args(tmp_path, cell_class_loss_coef=0.5, cell_class_names=TINY_LABELS))
+    trainer = build(workspace, train_args(tmp_path, cell_class_loss_coef=0.5, cell_class_names=TINY_LABELS,
+                                          cell_class_match="phrase"))
     classes = trainer.cell_classes
     assert classes is not None and classes.names == tuple(TINY_LABELS) and classes.weight == 0.5
+    assert classes.match == "phrase"
     assert all(len(ids) >= 2 for ids in classes.token_ids)  # "red square": several tokens, averaged
     model = trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
@@ -122,7 +145,7 @@ def test_training_loss_adds_the_weighted_term_and_teaches_the_tower(workspace, t
         state = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                       mm_token_type_ids=batch["mm_token_type_ids"], logits_to_keep=1, use_cache=False).padt_state
-        targets = cell_class_targets(batch["objects"], classes.names, state.image_embeds.shape[0])
+        targets = cell_class_targets(batch["objects"], classes.names, state.image_embeds.shape[0], classes.match)
         loss, acc = cell_class_loss(state.image_embeds, classes.class_vectors(padt.get_input_embeddings().weight),
                                     targets)
         first = (loss.item(), acc.item()) if first is None else first

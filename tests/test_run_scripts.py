@@ -102,7 +102,7 @@ def test_tiny_script_usage():
 
 @pytest.mark.parametrize("name, words", [
     ("padt_tiny_shapes_sft.sh", ["OUTPUT_DIR", "NUM_IMAGES", "DATA_DIR", "EXTRA_DATA_DIRS", "INIT_FLAGS", "EVAL_LIMIT",
-                                 "VISION_STEPS", "VISION_CLASSES"]),
+                                 "VISION_STEPS", "VISION_CLASSES", "CELL_CLASSES"]),
     ("padt_tiny_shapes_ablations.sh", ["OUTPUT_DIR", "MAX_STEPS", "VARIANTS", "no_projection", "no_robust_ce",
                                        "all_vrt"]),
 ])
@@ -158,25 +158,37 @@ def test_shapes_script_pretrains_the_vision_tower_first(tmp_path):
     assert (run_[key] - vision[key]).norm() < 0.1 * (vision[key] - init[key]).norm()
 
 
-def test_shapes_script_cell_class_loss_uses_the_kinds_of_the_data(tmp_path):
-    """CELL_CLASS_COEF > 0 adds the cell-category loss with the kinds of the set's manifest as its classes."""
+@pytest.mark.parametrize("classes", ["kind", "colour_kind"])
+def test_shapes_script_cell_class_loss_uses_the_classes_of_the_data(tmp_path, classes):
+    """CELL_CLASS_COEF > 0 adds the cell-category loss with the set's classes (manifest.json): its kinds, matched
+    exactly against object labels, or every "colour kind", matched as a phrase in the REC sentences."""
     from padt.shapes import ShapesConfig, generate_dataset
 
-    generate_dataset(tmp_path / "data", {"train": 4, "val": 1}, seed=0,
-                     config=ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7),
-                                         kinds=("square", "triangle")))
+    config = ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7), kinds=("square", "triangle"))
+    generate_dataset(tmp_path / "data", {"train": 4, "val": 1}, seed=0, config=config)
+    names, match = ["square", "triangle"], "exact"
+    if classes == "colour_kind":
+        names, match = [f"{c} {k}" for c in config.colours for k in config.kinds], "phrase"
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "CELL_CLASS_COEF": "0.5",
-           "EVAL": "0", "OMP_NUM_THREADS": "2"}
+           "CELL_CLASSES": classes, "EVAL": "0", "OMP_NUM_THREADS": "2"}
     # one batch holds all 12 records (4 scenes x REC/OVD/RIC), so every step has OVD objects with kind labels
     proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out"), "--max_steps", "2",
                 "--per_device_train_batch_size", "12", "--logging_steps", "1", "--save_steps", "100"],
                env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     args = torch.load(tmp_path / "out" / "run" / "training_args.bin", weights_only=False)
-    assert args.cell_class_names == ["square", "triangle"] and args.cell_class_loss_coef == 0.5
+    assert args.cell_class_names == names and args.cell_class_match == match and args.cell_class_loss_coef == 0.5
     state = json.loads((tmp_path / "out" / "run" / "trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "loss_cell_class" in e]
     assert len(logged) == 2 and all(e["loss_cell_class"] > 0 for e in logged)
+
+
+def test_shapes_script_rejects_unknown_cell_classes(tmp_path):
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "CELL_CLASS_COEF": "1",
+           "CELL_CLASSES": "shape", "NUM_IMAGES": "2", "NUM_VAL": "1"}
+    proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out")], env=env, timeout=600)
+    assert proc.returncode == 2 and "CELL_CLASSES must be kind or colour_kind" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()  # before any work
 
 
 def test_entry_point_help_names_the_padt_arguments():
