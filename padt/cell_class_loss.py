@@ -21,14 +21,14 @@ several words gets the mean embedding of all its tokens, so colour x kind classe
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MATCH_MODES", "CellClasses", "cell_class_loss", "cell_class_targets"]
+__all__ = ["MATCH_MODES", "CellClasses", "cell_class_loss", "cell_class_targets", "label_classifier"]
 
 IGNORE = -100
 MATCH_MODES = ("exact", "phrase")
@@ -39,7 +39,7 @@ class CellClasses:
     """The categories of the cell-class loss and its weight.
 
     Attributes:
-        names: category names, matched exactly against object labels.
+        names: category names, matched against object labels as `match` says.
         token_ids: per name, its token ids (their input-embedding rows are averaged into the class vector).
         weight: weight of `loss_cell_class` in the total loss (> 0).
         match: how an object label names a class, `"exact"` or `"phrase"` (module docstring).
@@ -80,7 +80,7 @@ def _check_match(match: str) -> None:
         raise ValueError(f"cell-class match must be one of {MATCH_MODES}, got {match!r}")
 
 
-def label_classifier(names: Sequence[str], match: str = "exact"):
+def label_classifier(names: Sequence[str], match: str = "exact") -> Callable[[str], int]:
     """`label -> class index or -1`: the class the label names under `match` (module docstring), -1 for none or,
     with `"phrase"`, for a label naming several classes."""
     _check_match(match)
