@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MATCH_MODES", "CellClasses", "cell_class_loss", "cell_class_targets", "label_classifier"]
+__all__ = ["MATCH_MODES", "CellClasses", "cell_class_loss", "cell_class_targets", "check_match", "label_classifier"]
 
 IGNORE = -100
 MATCH_MODES = ("exact", "phrase")
@@ -62,7 +62,7 @@ class CellClasses:
             raise ValueError(f"two cell class names encode to the same tokens: {list(self.token_ids)}")
         if not self.weight > 0:
             raise ValueError(f"the cell-class loss weight must be > 0, got {self.weight}")
-        _check_match(self.match)
+        check_match(self.match)
 
     @classmethod
     def from_tokenizer(cls, names: Sequence[str], tokenizer: Any, weight: float, match: str = "exact") -> CellClasses:
@@ -75,15 +75,16 @@ class CellClasses:
         return torch.stack([embedding[list(ids)].mean(0) for ids in self.token_ids])
 
 
-def _check_match(match: str) -> None:
+def check_match(match: str) -> None:
+    """`ValueError` unless `match` is one of `MATCH_MODES`."""
     if match not in MATCH_MODES:
-        raise ValueError(f"cell-class match must be one of {MATCH_MODES}, got {match!r}")
+        raise ValueError(f"cell_class_match must be one of {MATCH_MODES}, got {match!r}")
 
 
 def label_classifier(names: Sequence[str], match: str = "exact") -> Callable[[str], int]:
     """`label -> class index or -1`: the class the label names under `match` (module docstring), -1 for none or,
     with `"phrase"`, for a label naming several classes."""
-    _check_match(match)
+    check_match(match)
     if match == "exact":
         index = {name: k for k, name in enumerate(names)}
         return lambda label: index.get(label, -1)

@@ -74,6 +74,17 @@ PROMPT_ORDERS = ("auto", "shuffle", "id")
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 SIZE_RELATIONS = ("larger", "smaller")
 RELATIONS = tuple(POSITION_PHRASES) + SIZE_RELATIONS
+CELL_CLASS_SETS = ("kind", "colour_kind")
+
+
+def cell_class_names(options: Mapping[str, Sequence[str]], classes: str = "kind") -> list[str]:
+    """Cell categories of a generated set, from its manifest's `options`: the kinds (`"kind"`), or every
+    "colour kind" (`"colour_kind"`, colours outer). Used by vision stage 0 and the cell-category loss."""
+    if classes == "kind":
+        return list(options["kinds"])
+    if classes == "colour_kind":
+        return [f"{colour} {kind}" for colour in options["colours"] for kind in options["kinds"]]
+    raise ValueError(f"cell classes must be one of {CELL_CLASS_SETS}, got {classes!r}")
 
 
 # =========================================================================== options

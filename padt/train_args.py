@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from padt.cell_class_loss import MATCH_MODES
+from padt.cell_class_loss import check_match
 
 LOSS_COEF_FIELDS = (
     "ce_loss_coef", "bbox_loss_coef", "giou_loss_coef", "score_loss_coef", "dice_loss_coef", "mask_loss_coef",
@@ -157,8 +157,7 @@ class PaDTTrainingArguments(TrainingArguments):
         if self.cell_class_loss_coef > 0 and len(self.cell_class_names) < 2:
             raise ValueError("cell_class_loss_coef > 0 needs at least two --cell_class_names (the object labels to "
                              f"learn), got {self.cell_class_names}")
-        if self.cell_class_match not in MATCH_MODES:
-            raise ValueError(f"cell_class_match must be one of {MATCH_MODES}, got {self.cell_class_match!r}")
+        check_match(self.cell_class_match)
         if self.cell_class_names and self.cell_class_loss_coef == 0:
             raise ValueError(f"--cell_class_names {self.cell_class_names} given but cell_class_loss_coef is 0: set "
                              "a weight or drop the names")

@@ -43,11 +43,10 @@ OUT="$1"
 shift
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 DATA="${DATA_DIR:-${OUT}/data}"
-# the cell-category loss's classes (used below with CELL_CLASS_COEF > 0): a Python expression over the manifest's
-# options `o`, and how object labels name them
+# how object labels name the cell-category loss's classes (used below with CELL_CLASS_COEF > 0)
 case "${CELL_CLASSES:-kind}" in
-    kind) NAMES_OF='o["kinds"]'; MATCH=exact ;;
-    colour_kind) NAMES_OF='[f"{c} {k}" for c in o["colours"] for k in o["kinds"]]'; MATCH=phrase ;;
+    kind) MATCH=exact ;;
+    colour_kind) MATCH=phrase ;;
     *) echo "error: CELL_CLASSES must be kind or colour_kind, got '${CELL_CLASSES}'" >&2; exit 2 ;;
 esac
 
@@ -110,8 +109,9 @@ fi
 # "colour kind" its REC sentence names (phrase match: "the red square on the left" -> "red square").
 CELL_FLAGS=()
 if [[ "${CELL_CLASS_COEF:-0}" != "0" ]]; then
-    NAMES_TEXT="$("${PYTHON}" -c "import json, sys; o = json.load(open(sys.argv[1]))['options']; \
-print(*${NAMES_OF}, sep='\n')" "${DATA}/manifest.json")"
+    NAMES_TEXT="$("${PYTHON}" -c 'import json, sys; from padt.shapes import cell_class_names
+print(*cell_class_names(json.load(open(sys.argv[1]))["options"], sys.argv[2]), sep="\n")' \
+        "${DATA}/manifest.json" "${CELL_CLASSES:-kind}")"
     mapfile -t NAMES <<< "${NAMES_TEXT}"
     CELL_FLAGS=(--cell_class_loss_coef "${CELL_CLASS_COEF}" --cell_class_names "${NAMES[@]}" --cell_class_match "${MATCH}")
 fi

@@ -16,6 +16,8 @@ import json
 import logging
 from pathlib import Path
 
+from padt.shapes import CELL_CLASS_SETS, cell_class_names
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup-steps", type=int, default=50)
     ap.add_argument("--min-coverage", type=float, default=0.3,
                     help="least fraction of a cell an object must cover to give the cell its class (default 0.3)")
-    ap.add_argument("--cell-classes", choices=("kind", "colour_kind"), default="kind",
+    ap.add_argument("--cell-classes", choices=CELL_CLASS_SETS, default="kind",
                     help="what a cell's class names: the object's kind (default; from ovd_*.jsonl) or its colour and "
                          "kind (from coco_*.json attributes; an experiment, see docs/shapes.md)")
     ap.add_argument("--seed", type=int, default=0)
@@ -49,12 +51,11 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"{folder} has no manifest.json: pass folders written by src/preprocess/make_shapes.py")
     options = json.loads((folders[0] / "manifest.json").read_text())["options"]
     images = [f / "images" for f in folders]
+    class_names = cell_class_names(options, args.cell_classes)
     if args.cell_classes == "kind":
-        class_names = options["kinds"]
         train = load_cell_records([f / "ovd_train.jsonl" for f in folders], images)
         held_out = load_cell_records([folders[0] / "ovd_val.jsonl"], images[:1]) if args.eval_images else []
     else:
-        class_names = [f"{colour} {kind}" for colour in options["colours"] for kind in options["kinds"]]
         train = load_coco_cell_records([f / "coco_train.json" for f in folders], images, ("colour", "kind"))
         held_out = []
         if args.eval_images:
