@@ -10,11 +10,14 @@ kind, because the PaDT losses ask for it only indirectly. This term asks for it 
 `E_img` are the raw merger outputs of the batch's images (what the LLM reads at `<|image_pad|>`), and the class
 vectors are the LLM's own input-embedding rows of the class names' tokens. So the term lives entirely in the model: it
 needs no head to save, load or synchronise across ranks. A cell is labelled when it is a foreground cell (`fg_cells`)
-of a batch object whose `label` names a class, and of no object with another label; all other cells are ignored.
+of a batch object whose label names a class, and of no object with another label; all other cells are ignored. An
+object's label is its `label` or, when that is empty (RIC objects in the released format), its `mention`: the answer's
+words that introduce it ("A red square (<|Obj_0|>), ..." -> "A red square", `padt.data.sampling.placeholder_mentions`).
 
 How a label names a class (`match`): `"exact"`, the label is the class name (in the shapes data: the OVD records'
 objects, whose labels are the kinds); `"phrase"`, the class name occurs in the label as whole words, and no other class
-name does (the referring expression "the red square on the left" names the class "red square"). A class name of
+name does (the referring expression "the red square on the left" names the class "red square", and so does the
+caption mention "A red square"). A class name of
 several words gets the mean embedding of all its tokens, so colour x kind classes tie each cell to both words.
 """
 
@@ -103,7 +106,8 @@ def cell_class_targets(
     """Class index of every global cell of the batch, or `IGNORE` (-100).
 
     Args:
-        objects: the collator's objects, per sample, per object, with `fg_cells` (global cell indices) and `label`.
+        objects: the collator's objects, per sample, per object, with `fg_cells` (global cell indices), `label` and
+            optionally `mention` (used when `label` is empty).
         names: the class names; an object whose label names none of them claims its cells as "unlabelled".
         num_cells: N_cells of the batch.
         match: `"exact"` (the label is the name) or `"phrase"` (the label contains exactly one name as whole words).
@@ -119,7 +123,7 @@ def cell_class_targets(
             cells = torch.as_tensor([int(c) for c in obj["fg_cells"]], dtype=torch.long)
             if cells.numel() and (int(cells.min()) < 0 or int(cells.max()) >= num_cells):
                 raise ValueError(f"object fg_cells {cells.tolist()} outside the batch's {num_cells} cells")
-            k = classify(obj.get("label") or "")
+            k = classify(obj.get("label") or obj.get("mention") or "")
             if k < 0:
                 conflict[cells] = True
                 continue

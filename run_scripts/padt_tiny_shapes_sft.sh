@@ -25,8 +25,8 @@ Environment:
   VISION_CLASSES (kind) what stage 0 classifies each cell by: kind, or colour_kind (colour x kind)
   CELL_CLASS_COEF (0)   weight of the cell-category loss (padt/cell_class_loss.py; 0 = off; the shipped model's
                         last legs used 0.5 and 1 with CELL_CLASSES=kind)
-  CELL_CLASSES (kind)   its classes: kind (OVD objects' kinds) or colour_kind (the colour and kind each REC sentence
-                        names)
+  CELL_CLASSES (kind)   its classes: kind (OVD objects' kinds) or colour_kind (the colour and kind that each REC
+                        sentence and each RIC caption mention names)
   DATA_DIR              data folder to use or create (default OUTPUT_DIR/data; the ablations share one)
   EXTRA_DATA_DIRS       more generated training sets to mix in, space-separated (made beforehand with
                         src/preprocess/make_shapes.py and another --seed; same image size; evaluation stays on DATA_DIR)
@@ -106,7 +106,8 @@ fi
 
 # Optional cell-category loss (CELL_CLASS_COEF > 0) on the scenes' classes (manifest.json). CELL_CLASSES=kind: the
 # OVD objects' cells learn their kind (labels equal to a kind); colour_kind: the referred object's cells learn the
-# "colour kind" its REC sentence names (phrase match: "the red square on the left" -> "red square").
+# "colour kind" its REC sentence names (phrase match: "the red square on the left" -> "red square"), and every RIC
+# object's cells the one its caption mention names ("A red square (<|Obj_0|>)" -> "red square").
 CELL_FLAGS=()
 if [[ "${CELL_CLASS_COEF:-0}" != "0" ]]; then
     NAMES_TEXT="$("${PYTHON}" -c 'import json, sys; from padt.shapes import cell_class_names

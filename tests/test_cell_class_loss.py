@@ -44,6 +44,19 @@ def test_phrase_match_labels_cells_by_the_one_class_a_sentence_names():
         cell_class_targets(objects, names, num_cells=8, match="substring")
 
 
+def test_an_object_without_label_is_named_by_its_mention():
+    """RIC objects have label "" (released format); the caption words before their reference name them instead."""
+    names = ["red square", "blue square"]
+    objects = [[{"fg_cells": [0, 1], "label": "", "mention": "A red square"},
+                {"fg_cells": [2], "label": "", "mention": "and a blue square"},
+                {"fg_cells": [3], "label": "the red square", "mention": "a blue square"},  # the label wins
+                {"fg_cells": [4], "label": "", "mention": ""},
+                {"fg_cells": [5], "label": ""}]]
+    assert cell_class_targets(objects, names, num_cells=6, match="phrase").tolist() == [0, 0, 1, 0, IGNORE, IGNORE]
+    # exact match: a mention is a phrase, not a class name
+    assert cell_class_targets(objects, names, num_cells=6).tolist() == [IGNORE] * 6
+
+
 def test_loss_is_the_cross_entropy_of_labelled_cells_and_reaches_features_and_class_vectors():
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(6, 8, generator=gen, requires_grad=True)

@@ -130,6 +130,7 @@ def test_vrt_rows_objects_and_robust_rows(proc):
         objs = batch["objects"][b]
         picks = collator.sample_picks(ex)
         assert [o["label"] for o in objs] == [o["label"] for o in ex["objects"]]
+        assert [o["mention"] for o in objs] == [['The "red box', 'and the "blue disk'], ['Found "green bar']][b]
         assert [t for o in objs for t in o["vrt_positions"]] == rows[rows[:, 0] == b, 1].tolist()
         for k, obj in enumerate(objs):
             assert obj["vrt_cells"] == [offsets[b] + c for c in picks[k]]

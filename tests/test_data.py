@@ -20,6 +20,7 @@ from padt.data import (
     parse_sources,
     pick_cells,
     placeholder_ids,
+    placeholder_mentions,
     sample_object_vrts,
     sample_rng,
     split_hub_path,
@@ -243,6 +244,15 @@ def test_sampling_is_reproducible_and_follows_the_replacement_rule():
         check_num_vrt(True)
     with pytest.raises(ValueError, match="at least one"):
         pick_cells([], 5, sample_rng(0, 0, 0))
+
+
+def test_mentions_are_the_words_before_each_objects_first_reference_group():
+    caption = 'A red square (<|Obj_0|>), a yellow circle (<|Obj_1|>, <|Obj_3|>) and a red square (<|Obj_2|>) on gray.'
+    assert placeholder_mentions(caption) == {0: "A red square", 1: "a yellow circle", 3: "a yellow circle",
+                                             2: "and a red square"}
+    # a bare placeholder, a repeat (first group wins) and a group with no words before it
+    assert placeholder_mentions('<|Obj_1|> next to the "cat" <|Obj_0|>; again <|Obj_1|>.') == {1: "", 0: 'next to the "cat'}
+    assert placeholder_mentions("No objects.") == {}
 
 
 def test_objects_sample_in_text_order_and_answers_are_built():

@@ -17,7 +17,8 @@ from padt.data.records import (
     split_hub_path,
     validate_record,
 )
-from padt.data.sampling import build_answer, check_num_vrt, pick_cells, placeholder_ids, sample_object_vrts, sample_rng
+from padt.data.sampling import (build_answer, check_num_vrt, pick_cells, placeholder_ids, placeholder_mentions,
+                                 sample_object_vrts, sample_rng)
 
 __all__ = [
     "DataSource",
@@ -37,6 +38,7 @@ __all__ = [
     "parse_sources",
     "pick_cells",
     "placeholder_ids",
+    "placeholder_mentions",
     "robust_cell_mask",
     "sample_object_vrts",
     "sample_rng",

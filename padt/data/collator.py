@@ -15,7 +15,8 @@ Batch keys (B rows, P prompt columns, C completion columns; all CPU tensors unle
   cells (the picked cell itself False); all False with ``robust=False``;
 - ``objects``: list (B) of lists, one dict per ``<|Obj_k|>`` placeholder in text order: ``vrt_positions``,
   ``vrt_cells`` (global), ``fg_cells`` (global), ``box_xyxy`` (4,) float32, ``mask`` (up*h, up*w) float32 or None,
-  ``label``, ``task``;
+  ``label``, ``mention`` (the answer's words introducing the object, `padt.data.sampling.placeholder_mentions`),
+  ``task``;
 - ``num_objects`` int, ``num_tokens`` int (non-pad tokens); ``sample_index`` (B,) long (dataset indices).
 """
 
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 
 from padt.data.cells import gt_mask_at_patch_grid
-from padt.data.sampling import NumVRT, build_answer, check_num_vrt, placeholder_ids, sample_object_vrts, sample_rng
+from padt.data.sampling import (NumVRT, build_answer, check_num_vrt, placeholder_ids, placeholder_mentions,
+                                 sample_object_vrts, sample_rng)
 from padt.vrt import local_to_global_cells
 
 
@@ -166,6 +168,7 @@ class PaDTCollator:
         positions = [t for t, tok in enumerate(ids) if tok >= V]
         _, patch_h, patch_w = (int(x) for x in grid_thw_row)
         out, used, masks = [], 0, {}
+        mentions = placeholder_mentions(example["answer_template"])
         for k in placeholder_ids(example["answer_template"]):
             obj, cells = example["objects"][k], list(picks[k])
             mask = None
@@ -180,6 +183,7 @@ class PaDTCollator:
                 "box_xyxy": torch.tensor([float(v) for v in obj["box"]], dtype=torch.float32),
                 "mask": mask,
                 "label": obj.get("label") or "",
+                "mention": mentions[k],
                 "task": example["task"],
             })
             used += len(cells)

@@ -20,6 +20,9 @@ from padt.vrt import pid2vrt
 
 OBJ_PLACEHOLDER = "<|Obj_"
 OBJ_PATTERN = re.compile(r"<\|Obj_(\d+)\|>")
+# one reference group: "(<|Obj_1|>, <|Obj_2|>)", or a bare "<|Obj_0|>"
+OBJ_GROUP_PATTERN = re.compile(r"\(?\s*<\|Obj_\d+\|>(?:\s*,\s*<\|Obj_\d+\|>)*\s*\)?")
+MENTION_STRIP = " \t\n,.;:\"'"
 ALL_CELLS = "all"
 
 NumVRT = int | str
@@ -28,6 +31,24 @@ NumVRT = int | str
 def placeholder_ids(template: str) -> list[int]:
     """Object indices of the ``<|Obj_k|>`` placeholders in text order (repeats kept): ``"<|Obj_1|> <|Obj_0|>" -> [1, 0]``."""
     return [int(m.group(1)) for m in OBJ_PATTERN.finditer(template)]
+
+
+def placeholder_mentions(template: str) -> dict[int, str]:
+    """Per object index, the words that introduce its first reference group: the text since the previous group (or the
+    start), stripped of spaces and punctuation at both ends.
+
+    ``'A red square (<|Obj_0|>) and a yellow circle (<|Obj_1|>, <|Obj_2|>).'`` ->
+    ``{0: 'A red square', 1: 'and a yellow circle', 2: 'and a yellow circle'}``. RIC objects have no label in the
+    released format (spec: ``label`` is ""), so this is what names them in a caption.
+    """
+    mentions: dict[int, str] = {}
+    end = 0
+    for group in OBJ_GROUP_PATTERN.finditer(template):
+        words = template[end:group.start()].strip(MENTION_STRIP)
+        for k in placeholder_ids(group.group(0)):
+            mentions.setdefault(k, words)
+        end = group.end()
+    return mentions
 
 
 def first_occurrence_order(template: str) -> list[int]:
