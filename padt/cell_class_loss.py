@@ -17,8 +17,8 @@ words that introduce it ("A red square (<|Obj_0|>), ..." -> "A red square", `pad
 How a label names a class (`match`): `"exact"`, the label is the class name (in the shapes data: the OVD records'
 objects, whose labels are the kinds); `"phrase"`, the class name occurs in the label as whole words, and no other class
 name does (the referring expression "the red square on the left" names the class "red square", and so does the
-caption mention "A red square"). A class name of
-several words gets the mean embedding of all its tokens, so colour x kind classes tie each cell to both words.
+caption mention "A red square"). A class name of several words gets the mean embedding of all its tokens, so colour x
+kind classes tie each cell to both words.
 """
 
 from __future__ import annotations
