@@ -17,8 +17,15 @@ from padt.data.records import (
     split_hub_path,
     validate_record,
 )
-from padt.data.sampling import (build_answer, check_num_vrt, pick_cells, placeholder_ids, placeholder_mentions,
-                                 sample_object_vrts, sample_rng)
+from padt.data.sampling import (
+    build_answer,
+    check_num_vrt,
+    pick_cells,
+    placeholder_ids,
+    placeholder_mentions,
+    sample_object_vrts,
+    sample_rng,
+)
 
 __all__ = [
     "DataSource",

@@ -28,8 +28,15 @@ from typing import Any
 import torch
 
 from padt.data.cells import gt_mask_at_patch_grid
-from padt.data.sampling import (NumVRT, build_answer, check_num_vrt, placeholder_ids, placeholder_mentions,
-                                 sample_object_vrts, sample_rng)
+from padt.data.sampling import (
+    NumVRT,
+    build_answer,
+    check_num_vrt,
+    placeholder_ids,
+    placeholder_mentions,
+    sample_object_vrts,
+    sample_rng,
+)
 from padt.vrt import local_to_global_cells
 
 
