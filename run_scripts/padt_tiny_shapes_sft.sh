@@ -32,6 +32,7 @@ Environment:
                         src/preprocess/make_shapes.py and another --seed; same image size; evaluation stays on DATA_DIR)
   INIT_FLAGS            extra flags for 'python -m padt.tiny_model', e.g. --no-prototype-projection
   EVAL_LIMIT (0)        evaluate only the first N held-out samples per task (0 = all)
+  EVAL_FLAGS            extra flags for the four 'eval/evaluate.py' calls, e.g. --distinct-vrts
   PYTHON (python)       interpreter with padt installed
   OMP_NUM_THREADS (2)   torch threads
 USAGE
@@ -126,18 +127,18 @@ fi
     "${STAGE0_FLAGS[@]}" "${CELL_FLAGS[@]}" "$@"
 
 if [[ "${EVAL:-1}" != "0" ]]; then
-    LIMIT=()
-    [[ "${EVAL_LIMIT:-0}" != "0" ]] && LIMIT=(--limit "${EVAL_LIMIT}")
+    read -r -a EVAL_ARGS <<< "${EVAL_FLAGS:-}"
+    [[ "${EVAL_LIMIT:-0}" != "0" ]] && EVAL_ARGS+=(--limit "${EVAL_LIMIT}")
     # REC and RES score the same predictions (one generation per record; the second call only scores)
     for TASK in rec res; do
         "${PYTHON}" "${ROOT}/eval/evaluate.py" --model "${OUT}/run" --task "${TASK}" --data "${DATA}/refer_val.jsonl" \
-            --images "${DATA}/images" --out "${OUT}/eval" --batch-size 16 --no-progress "${LIMIT[@]}"
+            --images "${DATA}/images" --out "${OUT}/eval" --batch-size 16 --no-progress "${EVAL_ARGS[@]}"
     done
     "${PYTHON}" "${ROOT}/eval/evaluate.py" --model "${OUT}/run" --task ovd --data "${DATA}/ovd_val.jsonl" \
         --images "${DATA}/images" --annotations "${DATA}/coco_val.json" --out "${OUT}/eval" --batch-size 16 \
-        --no-progress "${LIMIT[@]}"
+        --no-progress "${EVAL_ARGS[@]}"
     "${PYTHON}" "${ROOT}/eval/evaluate.py" --model "${OUT}/run" --task ric --data "${DATA}/ric_val.jsonl" \
-        --images "${DATA}/images" --out "${OUT}/eval" --batch-size 16 --no-progress "${LIMIT[@]}"
+        --images "${DATA}/images" --out "${OUT}/eval" --batch-size 16 --no-progress "${EVAL_ARGS[@]}"
     "${PYTHON}" -m padt.evaluation.table "${OUT}/eval"
 fi
 echo "done: model ${OUT}/run, metrics ${OUT}/eval"

@@ -102,7 +102,7 @@ def test_tiny_script_usage():
 
 @pytest.mark.parametrize("name, words", [
     ("padt_tiny_shapes_sft.sh", ["OUTPUT_DIR", "NUM_IMAGES", "DATA_DIR", "EXTRA_DATA_DIRS", "INIT_FLAGS", "EVAL_LIMIT",
-                                 "VISION_STEPS", "VISION_CLASSES", "CELL_CLASSES"]),
+                                 "VISION_STEPS", "VISION_CLASSES", "CELL_CLASSES", "EVAL_FLAGS"]),
     ("padt_tiny_shapes_ablations.sh", ["OUTPUT_DIR", "MAX_STEPS", "VARIANTS", "no_projection", "no_robust_ce",
                                        "all_vrt"]),
 ])
@@ -181,6 +181,27 @@ def test_shapes_script_cell_class_loss_uses_the_classes_of_the_data(tmp_path, cl
     state = json.loads((tmp_path / "out" / "run" / "trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "loss_cell_class" in e]
     assert len(logged) == 2 and all(e["loss_cell_class"] > 0 for e in logged)
+
+
+def test_shapes_script_evaluates_the_four_tasks_with_eval_flags(tmp_path):
+    """The evaluation block: EVAL_LIMIT samples per task, EVAL_FLAGS reach every eval/evaluate.py call."""
+    from padt.shapes import ShapesConfig, generate_dataset
+
+    generate_dataset(tmp_path / "data", {"train": 2, "val": 3}, seed=0,
+                     config=ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7)))
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "EVAL_LIMIT": "2",
+           "EVAL_FLAGS": "--distinct-vrts --max-new-tokens 24", "OMP_NUM_THREADS": "2"}
+    proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out"), "--max_steps", "1",
+                "--per_device_train_batch_size", "2", "--save_steps", "100"], env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for split in ("refer_val", "ovd_val", "ric_val"):
+        folder = tmp_path / "out" / "eval" / split
+        meta = json.loads((folder / "run.json").read_text())
+        assert meta["distinct_vrts"] is True and meta["max_new_tokens"] == 24, meta
+        assert len((folder / "predictions.rank0.jsonl").read_text().splitlines()) == 2
+    metrics = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
+    assert {split: sorted(m) for split, m in metrics.items()} == {
+        "refer_val": ["rec", "res"], "ovd_val": ["ovd"], "ric_val": ["ric"]}
 
 
 def test_shapes_script_rejects_unknown_cell_classes(tmp_path):
