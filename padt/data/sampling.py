@@ -21,7 +21,7 @@ from padt.vrt import pid2vrt
 OBJ_PLACEHOLDER = "<|Obj_"
 OBJ_PATTERN = re.compile(r"<\|Obj_(\d+)\|>")
 # one reference group: "(<|Obj_1|>, <|Obj_2|>)", or a bare "<|Obj_0|>"
-OBJ_GROUP_PATTERN = re.compile(r"\(?\s*<\|Obj_\d+\|>(?:\s*,\s*<\|Obj_\d+\|>)*\s*\)?")
+OBJ_GROUP_PATTERN = re.compile(rf"\(?\s*{OBJ_PATTERN.pattern}(?:\s*,\s*{OBJ_PATTERN.pattern})*\s*\)?")
 MENTION_STRIP = " \t\n,.;:\"'"
 ALL_CELLS = "all"
 
