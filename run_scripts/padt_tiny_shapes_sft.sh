@@ -33,6 +33,9 @@ Environment:
   INIT_FLAGS            extra flags for 'python -m padt.tiny_model', e.g. --no-prototype-projection
   EVAL_LIMIT (0)        evaluate only the first N held-out samples per task (0 = all)
   EVAL_FLAGS            extra flags for the four 'eval/evaluate.py' calls, e.g. --distinct-vrts
+  REFER_REPEAT (1)      copies of each set's REC/RES training file in the mix (0 = leave the task out); likewise
+  OVD_REPEAT (1)        OVD_REPEAT and RIC_REPEAT: a set has ~2.5 REC/RES records per scene and one OVD and one RIC
+  RIC_REPEAT (1)        record, so OVD_REPEAT=2 RIC_REPEAT=2 gives the three tasks about equal shares
   PYTHON (python)       interpreter with padt installed
   OMP_NUM_THREADS (2)   torch threads
 USAGE
@@ -50,6 +53,20 @@ case "${CELL_CLASSES:-kind}" in
     colour_kind) MATCH=phrase ;;
     *) echo "error: CELL_CLASSES must be kind or colour_kind, got '${CELL_CLASSES}'" >&2; exit 2 ;;
 esac
+# copies of each task's training file per set (the task mix): REFER_REPEAT, OVD_REPEAT, RIC_REPEAT
+declare -A REPEATS
+for TASK in refer ovd ric; do
+    VAR="${TASK^^}_REPEAT"
+    REPEATS[${TASK}]="${!VAR:-1}"
+    if [[ ! "${REPEATS[${TASK}]}" =~ ^(0|[1-9][0-9]*)$ ]]; then
+        echo "error: ${VAR} must be a whole number of copies (0 leaves the task out), got '${REPEATS[${TASK}]}'" >&2
+        exit 2
+    fi
+done
+if (( REPEATS[refer] + REPEATS[ovd] + REPEATS[ric] == 0 )); then
+    echo "error: REFER_REPEAT, OVD_REPEAT and RIC_REPEAT are all 0: no training data left" >&2
+    exit 2
+fi
 
 if [[ ! -f "${DATA}/manifest.json" ]]; then
     "${PYTHON}" "${ROOT}/src/preprocess/make_shapes.py" --out "${DATA}" --num-images "${NUM_IMAGES:-4000}" \
@@ -62,7 +79,7 @@ manifest_pixels() {
 }
 PIXELS="$(manifest_pixels "${DATA}")"
 
-# REC/RES + OVD + RIC of every training set, one image folder per file
+# REC/RES + OVD + RIC of every training set (each file REPEATS times), one image folder per file
 FILES="" FOLDERS=""
 for D in "${DATA}" ${EXTRA_DATA_DIRS:-}; do
     if [[ ! -f "${D}/manifest.json" ]]; then
@@ -75,8 +92,10 @@ for D in "${DATA}" ${EXTRA_DATA_DIRS:-}; do
         exit 2
     fi
     for TASK in refer ovd ric; do
-        FILES="${FILES:+${FILES}:}${D}/${TASK}_train.jsonl"
-        FOLDERS="${FOLDERS:+${FOLDERS}:}${D}/images"
+        for ((COPY = 0; COPY < REPEATS[${TASK}]; COPY++)); do
+            FILES="${FILES:+${FILES}:}${D}/${TASK}_train.jsonl"
+            FOLDERS="${FOLDERS:+${FOLDERS}:}${D}/images"
+        done
     done
 done
 

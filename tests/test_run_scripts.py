@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -102,7 +103,8 @@ def test_tiny_script_usage():
 
 @pytest.mark.parametrize("name, words", [
     ("padt_tiny_shapes_sft.sh", ["OUTPUT_DIR", "NUM_IMAGES", "DATA_DIR", "EXTRA_DATA_DIRS", "INIT_FLAGS", "EVAL_LIMIT",
-                                 "VISION_STEPS", "VISION_CLASSES", "CELL_CLASSES", "EVAL_FLAGS"]),
+                                 "VISION_STEPS", "VISION_CLASSES", "CELL_CLASSES", "EVAL_FLAGS", "REFER_REPEAT",
+                                 "OVD_REPEAT", "RIC_REPEAT"]),
     ("padt_tiny_shapes_ablations.sh", ["OUTPUT_DIR", "MAX_STEPS", "VARIANTS", "no_projection", "no_robust_ce",
                                        "all_vrt"]),
 ])
@@ -202,6 +204,41 @@ def test_shapes_script_evaluates_the_four_tasks_with_eval_flags(tmp_path):
     metrics = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
     assert {split: sorted(m) for split, m in metrics.items()} == {
         "refer_val": ["rec", "res"], "ovd_val": ["ovd"], "ric_val": ["ric"]}
+
+
+def test_shapes_script_mixes_tasks_by_repeat_counts(tmp_path):
+    """REFER_REPEAT / OVD_REPEAT / RIC_REPEAT: how many copies of each set's task file the training mix holds."""
+    from padt.shapes import ShapesConfig, generate_dataset
+
+    config = ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7))
+    for name, seed in (("data", 0), ("extra", 1)):
+        generate_dataset(tmp_path / name, {"train": 2}, seed=seed, config=config)
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "EXTRA_DATA_DIRS": str(tmp_path / "extra"),
+           "PYTHON": sys.executable, "EVAL": "0", "OMP_NUM_THREADS": "2", "OVD_REPEAT": "2", "RIC_REPEAT": "0"}
+    proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out"), "--max_steps", "1",
+                "--per_device_train_batch_size", "2", "--save_steps", "100"], env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # padt.train logs the dataset it built: "PaDTDataset(12 items: DIR/refer_train.jsonl x1 (2), ...; geometry)"
+    logged = re.search(r"PaDTDataset\((\d+) items: (.*?); GridGeometry", proc.stderr)
+    assert logged, proc.stderr[-3000:]
+    sources = [Path(part.split(" x1 ")[0]) for part in logged.group(2).split(", ")]
+    assert [(f.parent.name, f.name) for f in sources] == [
+        (d, name) for d in ("data", "extra") for name in ("refer_train.jsonl", "ovd_train.jsonl", "ovd_train.jsonl")]
+    assert int(logged.group(1)) == 2 * 3 * 2  # two sets x three files x two one-object scenes
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"OVD_REPEAT": "two"}, "OVD_REPEAT must be a whole number of copies"),
+    ({"RIC_REPEAT": "-1"}, "RIC_REPEAT must be a whole number of copies"),
+    ({"REFER_REPEAT": "08"}, "REFER_REPEAT must be a whole number of copies"),
+    ({"REFER_REPEAT": "0", "OVD_REPEAT": "0", "RIC_REPEAT": "0"}, "all 0: no training data left"),
+])
+def test_shapes_script_rejects_bad_repeat_counts(tmp_path, env, message):
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "NUM_IMAGES": "2",
+           "NUM_VAL": "1", **env}
+    proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out")], env=env, timeout=600)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()  # before any work
 
 
 def test_shapes_script_rejects_unknown_cell_classes(tmp_path):
