@@ -18,7 +18,9 @@ Environment:
   MAX_STEPS (1000)      optimizer steps per variant (the shipped model uses 3000)
   VARIANTS              subset to run, e.g. "full all_vrt" (default: all four)
   EVAL_LIMIT (0)        evaluate only the first N held-out samples per task (0 = all)
-  and those of padt_tiny_shapes_sft.sh (NUM_IMAGES, NUM_VAL, SEED, PYTHON, OMP_NUM_THREADS)
+  and those of padt_tiny_shapes_sft.sh (NUM_VAL, SEED, PYTHON, OMP_NUM_THREADS, ...). The ablations keep the recipe
+  they were measured with (README), the shapes script's defaults before session 10: NUM_IMAGES (4000),
+  VISION_STEPS (0: no stage 0), CELL_CLASS_COEF (0: no cell-category loss), EVAL_FLAGS (none); set them to change it.
 USAGE
 }
 
@@ -31,7 +33,8 @@ STEPS="${MAX_STEPS:-1000}"
 run_variant() {
     local name="$1" init_flags="$2"
     shift 2
-    DATA_DIR="${OUT}/data" INIT_FLAGS="${init_flags}" \
+    DATA_DIR="${OUT}/data" INIT_FLAGS="${init_flags}" NUM_IMAGES="${NUM_IMAGES:-4000}" VISION_STEPS="${VISION_STEPS:-0}" \
+        CELL_CLASS_COEF="${CELL_CLASS_COEF:-0}" EVAL_FLAGS="${EVAL_FLAGS-}" \
         bash "${ROOT}/run_scripts/padt_tiny_shapes_sft.sh" "${OUT}/${name}" --max_steps "${STEPS}" \
         --save_steps "${STEPS}" "$@"
 }

@@ -9,30 +9,32 @@ Usage: bash run_scripts/padt_tiny_shapes_sft.sh OUTPUT_DIR [extra padt.train fla
 1. generates the synthetic shapes data set (OUTPUT_DIR/data: NUM_IMAGES training scenes, NUM_VAL held-out scenes
    from a separate random stream), unless it is there already;
 2. builds a tiny random Qwen2.5-VL-architecture PaDT model with the shapes tokenizer (OUTPUT_DIR/init);
-3. only with VISION_STEPS > 0: pretrains its vision tower on the scenes' cells (OUTPUT_DIR/init_vision; experimental);
-4. trains it on REC/RES + OVD + RIC jointly with configs/train/tiny_shapes.yaml (OUTPUT_DIR/run; a rerun resumes);
+3. stage 0: pretrains its vision tower to classify each merged cell by the colour and kind of its shape
+   (OUTPUT_DIR/init_vision; VISION_STEPS=0 skips it);
+4. trains it on REC/RES + OVD + RIC jointly with configs/train/tiny_shapes.yaml and the cell-category loss on
+   colour x kind classes (OUTPUT_DIR/run; a rerun resumes);
 5. evaluates the final model on the held-out scenes with eval/evaluate.py (OUTPUT_DIR/eval; skip with EVAL=0).
-About 30 minutes on 2 CPU cores. The trained model (OUTPUT_DIR/run) is what padt/assets/tiny_default ships.
+About 45 minutes on 2 CPU cores (data 3, stage 0 about 8, training about 31, evaluation 2; docs/shapes.md has the
+figures). The shipped model (padt/assets/tiny_default) was trained longer, in legs (docs/shapes.md).
 
 Arguments:
   OUTPUT_DIR            folder for data, init, run and eval (created); a rerun reuses what is there
   extra flags           passed to 'python -m padt.train', e.g. --max_steps 200 --num_vrt all --robust_ce false
 
 Environment:
-  NUM_IMAGES (4000)     training scenes           NUM_VAL (300)      held-out scenes
+  NUM_IMAGES (12000)    training scenes           NUM_VAL (300)      held-out scenes
   SEED (0)              data seed                 EVAL (1)           evaluate after training
-  VISION_STEPS (0)      vision pretraining steps before PaDT training (0 = none, the shipped recipe; e.g. 2000)
-  VISION_CLASSES (kind) what stage 0 classifies each cell by: kind, or colour_kind (colour x kind)
-  CELL_CLASS_COEF (0)   weight of the cell-category loss (padt/cell_class_loss.py; 0 = off; the shipped model's
-                        last legs used 0.5 and 1 with CELL_CLASSES=kind)
-  CELL_CLASSES (kind)   its classes: kind (OVD objects' kinds) or colour_kind (the colour and kind that each REC
-                        sentence and each RIC caption mention names)
+  VISION_STEPS (1500)   stage-0 steps before PaDT training (0 = none: the recipe before session 10)
+  VISION_CLASSES        what stage 0 classifies each cell by: colour_kind (colour x kind, default) or kind
+  CELL_CLASS_COEF (1)   weight of the cell-category loss (padt/cell_class_loss.py; 0 = off)
+  CELL_CLASSES          its classes: colour_kind (default: the colour and kind that each REC sentence and each RIC
+                        caption mention names) or kind (OVD objects' kinds, as in the shipped model's last legs)
   DATA_DIR              data folder to use or create (default OUTPUT_DIR/data; the ablations share one)
   EXTRA_DATA_DIRS       more generated training sets to mix in, space-separated (made beforehand with
                         src/preprocess/make_shapes.py and another --seed; same image size; evaluation stays on DATA_DIR)
   INIT_FLAGS            extra flags for 'python -m padt.tiny_model', e.g. --no-prototype-projection
   EVAL_LIMIT (0)        evaluate only the first N held-out samples per task (0 = all)
-  EVAL_FLAGS            extra flags for the four 'eval/evaluate.py' calls, e.g. --distinct-vrts
+  EVAL_FLAGS            flags for the four 'eval/evaluate.py' calls (default --distinct-vrts; EVAL_FLAGS= for none)
   REFER_REPEAT (1)      copies of each set's REC/RES training file in the mix (0 = leave the task out); likewise
   OVD_REPEAT (1)        OVD_REPEAT and RIC_REPEAT: a set has ~2.5 REC/RES records per scene and one OVD and one RIC
   RIC_REPEAT (1)        record, so OVD_REPEAT=2 RIC_REPEAT=2 gives the three tasks about equal shares
@@ -47,8 +49,15 @@ OUT="$1"
 shift
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 DATA="${DATA_DIR:-${OUT}/data}"
+# the recipe's defaults (docs/shapes.md, "The tiny shapes model"); the environment overrides each
+NUM_IMAGES="${NUM_IMAGES:-12000}"
+VISION_STEPS="${VISION_STEPS:-1500}"
+VISION_CLASSES="${VISION_CLASSES:-colour_kind}"
+CELL_CLASS_COEF="${CELL_CLASS_COEF:-1}"
+CELL_CLASSES="${CELL_CLASSES:-colour_kind}"
+EVAL_FLAGS="${EVAL_FLAGS---distinct-vrts}"
 # how object labels name the cell-category loss's classes (used below with CELL_CLASS_COEF > 0)
-case "${CELL_CLASSES:-kind}" in
+case "${CELL_CLASSES}" in
     kind) MATCH=exact ;;
     colour_kind) MATCH=phrase ;;
     *) echo "error: CELL_CLASSES must be kind or colour_kind, got '${CELL_CLASSES}'" >&2; exit 2 ;;
@@ -69,7 +78,7 @@ if (( REPEATS[refer] + REPEATS[ovd] + REPEATS[ric] == 0 )); then
 fi
 
 if [[ ! -f "${DATA}/manifest.json" ]]; then
-    "${PYTHON}" "${ROOT}/src/preprocess/make_shapes.py" --out "${DATA}" --num-images "${NUM_IMAGES:-4000}" \
+    "${PYTHON}" "${ROOT}/src/preprocess/make_shapes.py" --out "${DATA}" --num-images "${NUM_IMAGES}" \
         --num-val-images "${NUM_VAL:-300}" --seed "${SEED:-0}"
 fi
 
@@ -109,30 +118,28 @@ if [[ ! -f "${OUT}/init/config.json" ]]; then
         --vrt-feature-order merge_block --min-pixels "${PIXELS}" --max-pixels "${PIXELS}" ${INIT_FLAGS:-}
 fi
 
-# Optional stage 0 (VISION_STEPS > 0, an experiment; docs/shapes.md has what it measured): the vision tower learns each
-# merged cell's kind, pixels and position from the training scenes, a stand-in for Qwen2.5-VL's pretrained tower
-# (padt/vision_pretrain.py); PaDT training then gives the tower a tenth of the learning rate (a later
-# --vision_lr_scale flag overrides it). A rerun resumes stage 0 or, once finished, reuses OUTPUT_DIR/init_vision.
+# Stage 0 (VISION_STEPS > 0; docs/shapes.md has what it measured): the vision tower learns each merged cell's classes
+# (VISION_CLASSES), pixels and position from the training scenes, a stand-in for Qwen2.5-VL's pretrained tower
+# (padt/vision_pretrain.py). PaDT training then trains the tower at the full rate (the cell-category loss keeps the
+# classes; the earlier experiments passed --vision_lr_scale 0.1). A rerun resumes stage 0 or reuses OUTPUT_DIR/init_vision.
 INIT="${OUT}/init"
-STAGE0_FLAGS=()
-if [[ "${VISION_STEPS:-0}" != "0" ]]; then
+if [[ "${VISION_STEPS}" != "0" ]]; then
     if [[ ! -f "${OUT}/init_vision/vision_pretrain.json" ]]; then
         "${PYTHON}" "${ROOT}/src/pretrain_shapes_vision.py" --model "${OUT}/init" --data "${DATA}" ${EXTRA_DATA_DIRS:-} \
-            --out "${OUT}/init_vision" --steps "${VISION_STEPS}" --cell-classes "${VISION_CLASSES:-kind}"
+            --out "${OUT}/init_vision" --steps "${VISION_STEPS}" --cell-classes "${VISION_CLASSES}"
     fi
     INIT="${OUT}/init_vision"
-    STAGE0_FLAGS=(--vision_lr_scale 0.1)
 fi
 
-# Optional cell-category loss (CELL_CLASS_COEF > 0) on the scenes' classes (manifest.json). CELL_CLASSES=kind: the
+# The cell-category loss (CELL_CLASS_COEF > 0) on the scenes' classes (manifest.json). CELL_CLASSES=kind: the
 # OVD objects' cells learn their kind (labels equal to a kind); colour_kind: the referred object's cells learn the
 # "colour kind" its REC sentence names (phrase match: "the red square on the left" -> "red square"), and every RIC
 # object's cells the one its caption mention names ("A red square (<|Obj_0|>)" -> "red square").
 CELL_FLAGS=()
-if [[ "${CELL_CLASS_COEF:-0}" != "0" ]]; then
+if [[ "${CELL_CLASS_COEF}" != "0" ]]; then
     NAMES_TEXT="$("${PYTHON}" -c 'import json, sys; from padt.shapes import cell_class_names
 print(*cell_class_names(json.load(open(sys.argv[1]))["options"], sys.argv[2]), sep="\n")' \
-        "${DATA}/manifest.json" "${CELL_CLASSES:-kind}")"
+        "${DATA}/manifest.json" "${CELL_CLASSES}")"
     mapfile -t NAMES <<< "${NAMES_TEXT}"
     CELL_FLAGS=(--cell_class_loss_coef "${CELL_CLASS_COEF}" --cell_class_names "${NAMES[@]}" --cell_class_match "${MATCH}")
 fi
@@ -143,10 +150,10 @@ fi
     --image_folders "${FOLDERS}" \
     --output_dir "${OUT}/run" \
     --min_pixels "${PIXELS}" --max_pixels "${PIXELS}" \
-    "${STAGE0_FLAGS[@]}" "${CELL_FLAGS[@]}" "$@"
+    "${CELL_FLAGS[@]}" "$@"
 
 if [[ "${EVAL:-1}" != "0" ]]; then
-    read -r -a EVAL_ARGS <<< "${EVAL_FLAGS:-}"
+    read -r -a EVAL_ARGS <<< "${EVAL_FLAGS}"
     [[ "${EVAL_LIMIT:-0}" != "0" ]] && EVAL_ARGS+=(--limit "${EVAL_LIMIT}")
     # REC and RES score the same predictions (one generation per record; the second call only scores)
     for TASK in rec res; do

@@ -137,8 +137,8 @@ def test_shapes_script_refuses_extra_sets_it_cannot_mix(tmp_path):
 
 
 def test_shapes_script_pretrains_the_vision_tower_first(tmp_path):
-    """Stage 0 writes OUTPUT_DIR/init_vision (here on colour x kind classes), and PaDT training starts from it, not
-    from the random init."""
+    """The recipe's defaults: stage 0 on colour x kind classes writes OUTPUT_DIR/init_vision, and PaDT training starts
+    from it (not from the random init), the tower at the full rate, with the cell-category loss on colour x kind."""
     from safetensors.torch import load_file
 
     from padt.shapes import ShapesConfig, generate_dataset
@@ -146,7 +146,9 @@ def test_shapes_script_pretrains_the_vision_tower_first(tmp_path):
     generate_dataset(tmp_path / "data", {"train": 8, "val": 2}, seed=0,
                      config=ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7)))
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "VISION_STEPS": "6",
-           "VISION_CLASSES": "colour_kind", "EVAL": "0", "OMP_NUM_THREADS": "2"}
+           "EVAL": "0", "OMP_NUM_THREADS": "2"}
+    for name in ("VISION_CLASSES", "CELL_CLASS_COEF", "CELL_CLASSES"):
+        env.pop(name, None)
     proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out"), "--max_steps", "1",
                 "--per_device_train_batch_size", "2", "--save_steps", "100"], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -158,6 +160,9 @@ def test_shapes_script_pretrains_the_vision_tower_first(tmp_path):
     key = next(k for k in init if k.endswith("patch_embed.proj.weight"))
     # one step at the first warm-up rate moves the weights far less than the vision pretraining did
     assert (run_[key] - vision[key]).norm() < 0.1 * (vision[key] - init[key]).norm()
+    args = torch.load(tmp_path / "out" / "run" / "training_args.bin", weights_only=False)
+    assert args.vision_lr_scale == 1.0 and args.cell_class_loss_coef == 1.0 and args.cell_class_match == "phrase"
+    assert len(args.cell_class_names) == 15 and "red square" in args.cell_class_names
 
 
 @pytest.mark.parametrize("classes", ["kind", "colour_kind"])
@@ -172,7 +177,7 @@ def test_shapes_script_cell_class_loss_uses_the_classes_of_the_data(tmp_path, cl
     if classes == "colour_kind":
         names, match = [f"{c} {k}" for c in config.colours for k in config.kinds], "phrase"
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "CELL_CLASS_COEF": "0.5",
-           "CELL_CLASSES": classes, "EVAL": "0", "OMP_NUM_THREADS": "2"}
+           "CELL_CLASSES": classes, "EVAL": "0", "OMP_NUM_THREADS": "2", "VISION_STEPS": "0"}
     # one batch holds all 12 records (4 scenes x REC/OVD/RIC), so every step has OVD objects with kind labels
     proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out"), "--max_steps", "2",
                 "--per_device_train_batch_size", "12", "--logging_steps", "1", "--save_steps", "100"],
@@ -192,7 +197,7 @@ def test_shapes_script_evaluates_the_four_tasks_with_eval_flags(tmp_path):
     generate_dataset(tmp_path / "data", {"train": 2, "val": 3}, seed=0,
                      config=ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7)))
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "EVAL_LIMIT": "2",
-           "EVAL_FLAGS": "--distinct-vrts --max-new-tokens 24", "OMP_NUM_THREADS": "2"}
+           "EVAL_FLAGS": "--distinct-vrts --max-new-tokens 24", "OMP_NUM_THREADS": "2", "VISION_STEPS": "0"}
     proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out"), "--max_steps", "1",
                 "--per_device_train_batch_size", "2", "--save_steps", "100"], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -214,7 +219,8 @@ def test_shapes_script_mixes_tasks_by_repeat_counts(tmp_path):
     for name, seed in (("data", 0), ("extra", 1)):
         generate_dataset(tmp_path / name, {"train": 2}, seed=seed, config=config)
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "EXTRA_DATA_DIRS": str(tmp_path / "extra"),
-           "PYTHON": sys.executable, "EVAL": "0", "OMP_NUM_THREADS": "2", "OVD_REPEAT": "2", "RIC_REPEAT": "0"}
+           "PYTHON": sys.executable, "EVAL": "0", "OMP_NUM_THREADS": "2", "OVD_REPEAT": "2", "RIC_REPEAT": "0",
+           "VISION_STEPS": "0"}
     proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out"), "--max_steps", "1",
                 "--per_device_train_batch_size", "2", "--save_steps", "100"], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
