@@ -14,7 +14,7 @@ Usage: bash run_scripts/padt_tiny_shapes_sft.sh OUTPUT_DIR [extra padt.train fla
 4. trains it on REC/RES + OVD + RIC jointly with configs/train/tiny_shapes.yaml and the cell-category loss on
    colour x kind classes (OUTPUT_DIR/run; a rerun resumes);
 5. evaluates the final model on the held-out scenes with eval/evaluate.py (OUTPUT_DIR/eval; skip with EVAL=0).
-About 45 minutes on 2 CPU cores (data 3, stage 0 about 8, training about 31, evaluation 2; docs/shapes.md has the
+About 40 minutes on 2 CPU cores (data 3, stage 0 6, PaDT training 30, evaluation 1.5; docs/shapes.md has the
 figures). The shipped model (padt/assets/tiny_default) was trained longer, in legs (docs/shapes.md).
 
 Arguments:
