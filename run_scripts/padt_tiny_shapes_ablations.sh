@@ -33,8 +33,8 @@ STEPS="${MAX_STEPS:-1000}"
 run_variant() {
     local name="$1" init_flags="$2"
     shift 2
-    DATA_DIR="${OUT}/data" INIT_FLAGS="${init_flags}" NUM_IMAGES="${NUM_IMAGES:-4000}" VISION_STEPS="${VISION_STEPS:-0}" \
-        CELL_CLASS_COEF="${CELL_CLASS_COEF:-0}" EVAL_FLAGS="${EVAL_FLAGS-}" \
+    DATA_DIR="${OUT}/data" INIT_FLAGS="${init_flags}" NUM_IMAGES="${NUM_IMAGES:-4000}" \
+        VISION_STEPS="${VISION_STEPS:-0}" CELL_CLASS_COEF="${CELL_CLASS_COEF:-0}" EVAL_FLAGS="${EVAL_FLAGS-}" \
         bash "${ROOT}/run_scripts/padt_tiny_shapes_sft.sh" "${OUT}/${name}" --max_steps "${STEPS}" \
         --save_steps "${STEPS}" "$@"
 }

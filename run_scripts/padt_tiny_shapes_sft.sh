@@ -121,7 +121,8 @@ fi
 # Stage 0 (VISION_STEPS > 0; docs/shapes.md has what it measured): the vision tower learns each merged cell's classes
 # (VISION_CLASSES), pixels and position from the training scenes, a stand-in for Qwen2.5-VL's pretrained tower
 # (padt/vision_pretrain.py). PaDT training then trains the tower at the full rate (the cell-category loss keeps the
-# classes; the earlier experiments passed --vision_lr_scale 0.1). A rerun resumes stage 0 or reuses OUTPUT_DIR/init_vision.
+# classes; the earlier experiments passed --vision_lr_scale 0.1). A rerun resumes stage 0 or reuses
+# OUTPUT_DIR/init_vision.
 INIT="${OUT}/init"
 if [[ "${VISION_STEPS}" != "0" ]]; then
     if [[ ! -f "${OUT}/init_vision/vision_pretrain.json" ]]; then
