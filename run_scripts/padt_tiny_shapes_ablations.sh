@@ -15,12 +15,15 @@ set (OUTPUT_DIR/data), each in OUTPUT_DIR/<variant>, then prints their metrics s
 A variant whose run is complete is not trained again (delete its folder to redo it).
 
 Environment:
-  MAX_STEPS (1000)      optimizer steps per variant (the shipped model uses 3000)
+  MAX_STEPS (1000)      optimizer steps per variant (the shapes script's recipe uses 4000)
   VARIANTS              subset to run, e.g. "full all_vrt" (default: all four)
   EVAL_LIMIT (0)        evaluate only the first N held-out samples per task (0 = all)
+  EVAL (1)              0: train only (no evaluation, no table)
+  LEARNING_RATE (2e-3)  peak learning rate of every variant
   and those of padt_tiny_shapes_sft.sh (NUM_VAL, SEED, PYTHON, OMP_NUM_THREADS, ...). The ablations keep the recipe
   they were measured with (README), the shapes script's defaults before session 10: NUM_IMAGES (4000),
-  VISION_STEPS (0: no stage 0), CELL_CLASS_COEF (0: no cell-category loss), EVAL_FLAGS (none); set them to change it.
+  VISION_STEPS (0: no stage 0), CELL_CLASS_COEF (0: no cell-category loss), EVAL_FLAGS (none), and the learning rate
+  before session 11, LEARNING_RATE; set them to change it.
 USAGE
 }
 
@@ -36,7 +39,7 @@ run_variant() {
     DATA_DIR="${OUT}/data" INIT_FLAGS="${init_flags}" NUM_IMAGES="${NUM_IMAGES:-4000}" \
         VISION_STEPS="${VISION_STEPS:-0}" CELL_CLASS_COEF="${CELL_CLASS_COEF:-0}" EVAL_FLAGS="${EVAL_FLAGS-}" \
         bash "${ROOT}/run_scripts/padt_tiny_shapes_sft.sh" "${OUT}/${name}" --max_steps "${STEPS}" \
-        --save_steps "${STEPS}" "$@"
+        --save_steps "${STEPS}" --learning_rate "${LEARNING_RATE:-2e-3}" "$@"
 }
 
 TABLE=()
@@ -50,4 +53,6 @@ for VARIANT in ${VARIANTS:-full no_projection no_robust_ce all_vrt}; do
     esac
     TABLE+=("${VARIANT}=${OUT}/${VARIANT}/eval")
 done
-"${PYTHON}" -m padt.evaluation.table "${TABLE[@]}"
+if [[ "${EVAL:-1}" != "0" ]]; then
+    "${PYTHON}" -m padt.evaluation.table "${TABLE[@]}"
+fi
