@@ -14,8 +14,9 @@ Usage: bash run_scripts/padt_tiny_shapes_sft.sh OUTPUT_DIR [extra padt.train fla
 4. trains it on REC/RES + OVD + RIC jointly with configs/train/tiny_shapes.yaml and the cell-category loss on
    colour x kind classes (OUTPUT_DIR/run; a rerun resumes);
 5. evaluates the final model on the held-out scenes with eval/evaluate.py (OUTPUT_DIR/eval; skip with EVAL=0).
-About 40 minutes on 2 CPU cores (data 3, stage 0 6, PaDT training 30, evaluation 1.5; docs/shapes.md has the
-figures). The shipped model (padt/assets/tiny_default) was trained longer, in legs (docs/shapes.md).
+About 27 minutes on 2 CPU cores in session 11 (data 1.5, stage 0 3, PaDT training 21, evaluation 1; slower CPUs
+take up to twice that; docs/shapes.md has the figures). The shipped model (padt/assets/tiny_default) was trained
+longer, in legs (docs/shapes.md).
 
 Arguments:
   OUTPUT_DIR            folder for data, init, run and eval (created); a rerun reuses what is there
