@@ -29,6 +29,16 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 60) -> subproc
                           env={**os.environ, **(env or {})})
 
 
+def make_small_shapes(folder: Path, counts: dict[str, int], seed: int = 0, **options):
+    """A tiny generated shapes set (56 x 56 px scenes, one large shape each) for the shapes scripts' tests; `options`
+    override `ShapesConfig` fields. Returns the config."""
+    from padt.shapes import ShapesConfig, generate_dataset
+
+    config = ShapesConfig(**{"height": 56, "width": 56, "max_objects": 1, "size_range": (0.5, 0.7), **options})
+    generate_dataset(folder, counts, seed=seed, config=config)
+    return config
+
+
 def test_every_run_script_parses_with_bash_n():
     scripts = sorted(RUN_SCRIPTS.glob("*.sh"))
     assert {s.name for s in scripts} >= set(RECIPES) | {"padt_tiny_cpu_sft.sh", "_common.sh"}
@@ -124,10 +134,7 @@ def test_shapes_ablations_reject_an_unknown_variant(tmp_path):
 def test_shapes_ablations_keep_the_recipe_they_were_measured_with(tmp_path):
     """The README's ablation table was measured with the shapes script's earlier defaults: 2e-3, no stage 0, no
     cell-category loss. The ablation script pins them whatever the shapes script's defaults are now."""
-    from padt.shapes import ShapesConfig, generate_dataset
-
-    generate_dataset(tmp_path / "data", {"train": 8, "val": 2}, seed=0,
-                     config=ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7)))
+    make_small_shapes(tmp_path / "data", {"train": 8, "val": 2})
     env = {**os.environ, "VARIANTS": "full", "MAX_STEPS": "1", "EVAL": "0", "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "2"}
     for name in ("LEARNING_RATE", "VISION_STEPS", "CELL_CLASS_COEF", "NUM_IMAGES"):
@@ -143,10 +150,8 @@ def test_shapes_ablations_keep_the_recipe_they_were_measured_with(tmp_path):
 def test_shapes_script_refuses_extra_sets_it_cannot_mix(tmp_path):
     """EXTRA_DATA_DIRS: a folder without a generated set, or scenes of another size, stop the script before it builds
     or trains anything."""
-    from padt.shapes import ShapesConfig, generate_dataset
-
-    generate_dataset(tmp_path / "main", {"train": 1}, seed=0, config=ShapesConfig(height=56, width=56, max_objects=1))
-    generate_dataset(tmp_path / "big", {"train": 1}, seed=1, config=ShapesConfig(height=84, width=84, max_objects=1))
+    make_small_shapes(tmp_path / "main", {"train": 1})
+    make_small_shapes(tmp_path / "big", {"train": 1}, seed=1, height=84, width=84)
     script = str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh")
     for extra, message in ((tmp_path / "nothing", "has no manifest.json"), (tmp_path / "big", "one image size")):
         env = {"DATA_DIR": str(tmp_path / "main"), "EXTRA_DATA_DIRS": str(extra), "PYTHON": sys.executable}
@@ -160,10 +165,7 @@ def test_shapes_script_pretrains_the_vision_tower_first(tmp_path):
     from it (not from the random init), the tower at the full rate, with the cell-category loss on colour x kind."""
     from safetensors.torch import load_file
 
-    from padt.shapes import ShapesConfig, generate_dataset
-
-    generate_dataset(tmp_path / "data", {"train": 8, "val": 2}, seed=0,
-                     config=ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7)))
+    make_small_shapes(tmp_path / "data", {"train": 8, "val": 2})
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "VISION_STEPS": "6",
            "EVAL": "0", "OMP_NUM_THREADS": "2"}
     for name in ("VISION_CLASSES", "CELL_CLASS_COEF", "CELL_CLASSES"):
@@ -188,10 +190,7 @@ def test_shapes_script_pretrains_the_vision_tower_first(tmp_path):
 def test_shapes_script_cell_class_loss_uses_the_classes_of_the_data(tmp_path, classes):
     """CELL_CLASS_COEF > 0 adds the cell-category loss with the set's classes (manifest.json): its kinds, matched
     exactly against object labels, or every "colour kind", matched as a phrase in the REC sentences."""
-    from padt.shapes import ShapesConfig, generate_dataset
-
-    config = ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7), kinds=("square", "triangle"))
-    generate_dataset(tmp_path / "data", {"train": 4, "val": 1}, seed=0, config=config)
+    config = make_small_shapes(tmp_path / "data", {"train": 4, "val": 1}, kinds=("square", "triangle"))
     names, match = ["square", "triangle"], "exact"
     if classes == "colour_kind":
         names, match = [f"{c} {k}" for c in config.colours for k in config.kinds], "phrase"
@@ -211,10 +210,7 @@ def test_shapes_script_cell_class_loss_uses_the_classes_of_the_data(tmp_path, cl
 
 def test_shapes_script_evaluates_the_four_tasks_with_eval_flags(tmp_path):
     """The evaluation block: EVAL_LIMIT samples per task, EVAL_FLAGS reach every eval/evaluate.py call."""
-    from padt.shapes import ShapesConfig, generate_dataset
-
-    generate_dataset(tmp_path / "data", {"train": 2, "val": 3}, seed=0,
-                     config=ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7)))
+    make_small_shapes(tmp_path / "data", {"train": 2, "val": 3})
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "EVAL_LIMIT": "2",
            "EVAL_FLAGS": "--distinct-vrts --max-new-tokens 24", "OMP_NUM_THREADS": "2", "VISION_STEPS": "0"}
     proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out"), "--max_steps", "1",
@@ -232,11 +228,8 @@ def test_shapes_script_evaluates_the_four_tasks_with_eval_flags(tmp_path):
 
 def test_shapes_script_mixes_tasks_by_repeat_counts(tmp_path):
     """REFER_REPEAT / OVD_REPEAT / RIC_REPEAT: how many copies of each set's task file the training mix holds."""
-    from padt.shapes import ShapesConfig, generate_dataset
-
-    config = ShapesConfig(height=56, width=56, max_objects=1, size_range=(0.5, 0.7))
     for name, seed in (("data", 0), ("extra", 1)):
-        generate_dataset(tmp_path / name, {"train": 2}, seed=seed, config=config)
+        make_small_shapes(tmp_path / name, {"train": 2}, seed=seed)
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "EXTRA_DATA_DIRS": str(tmp_path / "extra"),
            "PYTHON": sys.executable, "EVAL": "0", "OMP_NUM_THREADS": "2", "OVD_REPEAT": "2", "RIC_REPEAT": "0",
            "VISION_STEPS": "0"}
