@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -525,19 +527,46 @@ def _write_json(data, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _image_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.png"
+
+
+def _draw_scene(images_dir: Path, split: str, seed: int, config: ShapesConfig, index: int) -> Scene:
+    """Sample scene ``index`` of ``split``, write its image into ``images_dir`` and return it (the per-scene work of
+    :func:`generate_split`, run in worker processes when it has several)."""
+    scene = sample_scene(scene_rng(seed, split, index), config)
+    render_scene(scene, config.noise).save(images_dir / _image_name(split, index), format="PNG", compress_level=1)
+    return scene
+
+
+def _drawn_scenes(images_dir: Path, split: str, num_images: int, seed: int, config: ShapesConfig,
+                  workers: int) -> Iterator[Scene]:
+    """Scenes ``0 .. num_images - 1`` of ``split`` in order, drawn by ``workers`` processes (each scene has its own
+    generator, so the result does not depend on the count). Spawned, not forked: the caller may hold torch's threads."""
+    draw = partial(_draw_scene, images_dir, split, seed, config)
+    if workers == 1 or num_images < 2:
+        yield from map(draw, range(num_images))
+        return
+    with multiprocessing.get_context("spawn").Pool(min(workers, num_images)) as pool:
+        yield from pool.imap(draw, range(num_images), chunksize=max(1, min(64, num_images // (4 * workers))))
+
+
 def generate_split(out_dir: str | os.PathLike, split: str, num_images: int, seed: int, config: ShapesConfig,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, workers: int = 1) -> dict:
     """Write ``num_images`` scenes of ``split``: ``images/{split}_{i:06d}.png`` (image id i + 1) and the files of
-    :func:`split_files`. Returns the split's counts. Same arguments -> byte-identical files."""
+    :func:`split_files`, sampling and drawing the scenes in ``workers`` processes. Returns the split's counts. Same
+    arguments (any ``workers``) -> byte-identical files."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     refer, ovd, ric, images, anns, captions = [], [], [], [], [], []
-    for i in tqdm(range(num_images), desc=f"shapes {split}", unit="img", disable=not progress):
-        scene = sample_scene(scene_rng(seed, split, i), config)
-        image_id, file_name = i + 1, f"{split}_{i:06d}.png"
-        render_scene(scene, config.noise).save(out / "images" / file_name, format="PNG", compress_level=1)
+    scenes = _drawn_scenes(out / "images", split, num_images, seed, config, workers)
+    for i, scene in enumerate(tqdm(scenes, total=num_images, desc=f"shapes {split}", unit="img",
+                                   disable=not progress)):
+        image_id, file_name = i + 1, _image_name(split, i)
         refer.extend(referring_records(image_id, file_name, scene, config))
         ovd.append(ovd_record(image_id, file_name, scene, split, config))
         ric.append(ric_record(image_id, file_name, scene, config))
@@ -563,10 +592,10 @@ def _sha256(path: Path) -> str:
 
 
 def generate_dataset(out_dir: str | os.PathLike, counts: Mapping[str, int], seed: int = 0,
-                     config: ShapesConfig | None = None, progress: bool = False) -> dict:
+                     config: ShapesConfig | None = None, progress: bool = False, workers: int = 1) -> dict:
     """Write every split of ``counts`` ({split: num_images}; splits with 0 images are left out) and
-    ``manifest.json`` (seed, options, counts, processor pixel limits, SHA-256 of every written file). Returns the
-    manifest."""
+    ``manifest.json`` (seed, options, counts, processor pixel limits, SHA-256 of every written file), drawing scenes
+    in ``workers`` processes (the files do not depend on it). Returns the manifest."""
     config = config or ShapesConfig()
     unknown = [s for s in counts if s not in SPLIT_STREAMS]
     if unknown:
@@ -578,8 +607,8 @@ def generate_dataset(out_dir: str | os.PathLike, counts: Mapping[str, int], seed
     for split, n in counts.items():
         if n == 0:
             continue
-        splits[split] = generate_split(out, split, n, seed, config, progress)
-        names = list(split_files(split).values()) + [f"images/{split}_{i:06d}.png" for i in range(n)]
+        splits[split] = generate_split(out, split, n, seed, config, progress, workers)
+        names = list(split_files(split).values()) + [f"images/{_image_name(split, i)}" for i in range(n)]
         hashes.update({name: _sha256(out / name) for name in names})
     pixels = config.grid[0] * config.grid[1] * config.cell_size**2
     manifest = {

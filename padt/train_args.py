@@ -146,6 +146,16 @@ class PaDTTrainingArguments(TrainingArguments):
             self.bf16 = _bf16_gpu_available()
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
+        # DDP: the decoder runs on the unwrapped model after the wrapped forward, so DDP's search for unused parameters
+        # would mark its parameters ready twice; every trainable parameter gets a gradient each step instead
+        # (training_step.py), which is what DDP expects without the search. (The Trainer turns the search on for
+        # models without activation checkpointing, e.g. the tiny shapes recipe.)
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
+        elif self.ddp_find_unused_parameters:
+            raise ValueError("ddp_find_unused_parameters=True does not work with PaDT training: the decoder runs "
+                             "outside the DDP-wrapped forward, so DDP would mark its parameters ready twice. Leave it "
+                             "unset (False): every trainable parameter gets a gradient each step.")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False for PaDT: the collator needs every record field "
                              "(image, conversations, answer_template, objects)")

@@ -20,10 +20,12 @@ Environment:
   EVAL_LIMIT (0)        evaluate only the first N held-out samples per task (0 = all)
   EVAL (1)              0: train only (no evaluation, no table)
   LEARNING_RATE (2e-3)  peak learning rate of every variant
+  DECODER_LR_SCALE (1)  the decoder's rate = LEARNING_RATE x this
   and those of padt_tiny_shapes_sft.sh (NUM_VAL, SEED, PYTHON, OMP_NUM_THREADS, ...). The ablations keep the recipe
   they were measured with (README), the shapes script's defaults before session 10: NUM_IMAGES (4000),
-  VISION_STEPS (0: no stage 0), CELL_CLASS_COEF (0: no cell-category loss), EVAL_FLAGS (none), and the learning rate
-  before session 11, LEARNING_RATE; set them to change it.
+  VISION_STEPS (0: no stage 0), CELL_CLASS_COEF (0: no cell-category loss), EVAL_FLAGS (none), the learning rate
+  before session 11, LEARNING_RATE, and before session 12: one training process (NPROC=1), DECODER_LR_SCALE; set
+  them to change it.
 USAGE
 }
 
@@ -38,8 +40,9 @@ run_variant() {
     shift 2
     DATA_DIR="${OUT}/data" INIT_FLAGS="${init_flags}" NUM_IMAGES="${NUM_IMAGES:-4000}" \
         VISION_STEPS="${VISION_STEPS:-0}" CELL_CLASS_COEF="${CELL_CLASS_COEF:-0}" EVAL_FLAGS="${EVAL_FLAGS-}" \
-        bash "${ROOT}/run_scripts/padt_tiny_shapes_sft.sh" "${OUT}/${name}" --max_steps "${STEPS}" \
-        --save_steps "${STEPS}" --learning_rate "${LEARNING_RATE:-2e-3}" "$@"
+        NPROC="${NPROC:-1}" bash "${ROOT}/run_scripts/padt_tiny_shapes_sft.sh" "${OUT}/${name}" \
+        --max_steps "${STEPS}" --save_steps "${STEPS}" --learning_rate "${LEARNING_RATE:-2e-3}" \
+        --decoder_lr_scale "${DECODER_LR_SCALE:-1}" "$@"
 }
 
 TABLE=()

@@ -39,8 +39,12 @@ Environment:
   REFER_REPEAT (1)      copies of each set's REC/RES training file in the mix (0 = leave the task out); likewise
   OVD_REPEAT (1)        OVD_REPEAT and RIC_REPEAT: a set has ~2.5 REC/RES records per scene and one OVD and one RIC
   RIC_REPEAT (1)        record, so OVD_REPEAT=2 RIC_REPEAT=2 gives the three tasks about equal shares
+  NPROC (2)             training processes (data-parallel, gloo; 1 = one process); each gets OMP_NUM_THREADS / NPROC
+                        threads: on 2 cores two 1-thread processes train 1.24x faster than one 2-thread process
+  BATCH                 samples per optimizer step, split over the NPROC processes (default: the config's
+                        per_device_train_batch_size, 16)
   PYTHON (python)       interpreter with padt installed
-  OMP_NUM_THREADS (2)   torch threads
+  OMP_NUM_THREADS (2)   torch threads (data generation uses every core)
 USAGE
 }
 
@@ -57,6 +61,14 @@ VISION_CLASSES="${VISION_CLASSES:-colour_kind}"
 CELL_CLASS_COEF="${CELL_CLASS_COEF:-1}"
 CELL_CLASSES="${CELL_CLASSES:-colour_kind}"
 EVAL_FLAGS="${EVAL_FLAGS---distinct-vrts}"
+CONFIG="${ROOT}/configs/train/tiny_shapes.yaml"
+NPROC="${NPROC:-2}"
+BATCH="${BATCH:-$("${PYTHON}" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["per_device_train_batch_size"])' \
+    "${CONFIG}")}"
+if [[ ! "${NPROC}" =~ ^[1-9][0-9]*$ || ! "${BATCH}" =~ ^[1-9][0-9]*$ ]] || (( BATCH % NPROC != 0 )); then
+    echo "error: BATCH (${BATCH}) must be a positive multiple of NPROC (${NPROC}), the number of training processes" >&2
+    exit 2
+fi
 # how object labels name the cell-category loss's classes (used below with CELL_CLASS_COEF > 0)
 case "${CELL_CLASSES}" in
     kind) MATCH=exact ;;
@@ -146,7 +158,13 @@ print(*cell_class_names(json.load(open(sys.argv[1]))["options"], sys.argv[2]), s
     CELL_FLAGS=(--cell_class_loss_coef "${CELL_CLASS_COEF}" --cell_class_names "${NAMES[@]}" --cell_class_match "${MATCH}")
 fi
 
-"${PYTHON}" -m padt.train --config "${ROOT}/configs/train/tiny_shapes.yaml" \
+# NPROC processes of OMP_NUM_THREADS / NPROC threads each, BATCH / NPROC samples per process and step
+TRAIN=("${PYTHON}" -m padt.train)
+if (( NPROC > 1 )); then
+    TRAIN=("${PYTHON}" -m torch.distributed.run --standalone --nproc_per_node "${NPROC}" -m padt.train --ddp_backend gloo)
+fi
+OMP_NUM_THREADS="$(( OMP_NUM_THREADS > NPROC ? OMP_NUM_THREADS / NPROC : 1 ))" "${TRAIN[@]}" --config "${CONFIG}" \
+    --per_device_train_batch_size "$(( BATCH / NPROC ))" \
     --model_name_or_path "${INIT}" \
     --data_file_paths "${FILES}" \
     --image_folders "${FOLDERS}" \

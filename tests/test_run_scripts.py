@@ -137,13 +137,14 @@ def test_shapes_ablations_keep_the_recipe_they_were_measured_with(tmp_path):
     make_small_shapes(tmp_path / "data", {"train": 8, "val": 2})
     env = {**os.environ, "VARIANTS": "full", "MAX_STEPS": "1", "EVAL": "0", "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "2"}
-    for name in ("LEARNING_RATE", "VISION_STEPS", "CELL_CLASS_COEF", "NUM_IMAGES"):
+    for name in ("LEARNING_RATE", "DECODER_LR_SCALE", "NPROC", "VISION_STEPS", "CELL_CLASS_COEF", "NUM_IMAGES"):
         env.pop(name, None)
     proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_ablations.sh"), str(tmp_path),
                 "--per_device_train_batch_size", "2"], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     args = torch.load(tmp_path / "full" / "run" / "training_args.bin", weights_only=False)
     assert args.learning_rate == 2e-3 and args.max_steps == 1 and args.cell_class_loss_coef == 0.0
+    assert args.decoder_lr_scale == 1.0 and args.ddp_backend is None  # one process (NPROC=1), the decoder at 1x
     assert not (tmp_path / "full" / "init_vision").exists() and not (tmp_path / "full" / "eval").exists()
 
 
@@ -322,7 +323,8 @@ def test_train_configs_parse(name, tmp_path):
         assert args.max_steps > 0 and not args.bf16
     if name == "tiny_shapes":  # the shapes script's recipe: the shapes' pixel count, the authors' loss weights
         assert script.min_pixels == script.max_pixels == 168 * 168
-        assert args.max_steps == 4000 and args.learning_rate == 1e-3 and args.vrt_per_object == 5
+        assert args.max_steps == 5000 and args.learning_rate == 1e-3 and args.vrt_per_object == 5
+        assert args.decoder_lr_scale == 2.0 and args.per_device_train_batch_size == 16
         assert set(args.loss_weights().values()) == {1.0}
 
 

@@ -62,12 +62,17 @@ def _all_records(data: Path):
 
 
 # --------------------------------------------------------------------------- determinism
-def test_same_seed_gives_byte_identical_files(tmp_path, data):
-    generate_dataset(tmp_path / "a", COUNTS, seed=3)
+def test_same_seed_gives_byte_identical_files_with_any_worker_count(tmp_path, data):
+    generate_dataset(tmp_path / "a", COUNTS, seed=3, workers=2)  # `data` was drawn in this process
     a, ref = _tree(tmp_path / "a"), _tree(data)
     assert sorted(a) == sorted(ref)
     assert len([k for k in a if k.startswith("images/")]) == sum(COUNTS.values())
     assert all(a[k] == ref[k] for k in a), [k for k in a if a[k] != ref[k]]
+
+
+def test_worker_count_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        generate_dataset(tmp_path / "w", {"train": 1}, seed=3, workers=0)
 
 
 def test_different_seed_differs_and_prefix_is_stable(tmp_path, data):

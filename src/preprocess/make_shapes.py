@@ -5,12 +5,13 @@
 
 Writes DIR/images/{split}_{i:06d}.png, DIR/refer_{split}.jsonl (REC and RES), DIR/ovd_{split}.jsonl,
 DIR/ric_{split}.jsonl, DIR/coco_{split}.json, DIR/ric_{split}_captions.json and DIR/manifest.json.
-Same arguments -> byte-identical files. See docs/shapes.md.
+Same arguments -> byte-identical files, with any --workers. See docs/shapes.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="scene i of split s uses default_rng([seed, s, i]) (default 0)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that already has a manifest.json")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes that draw the scenes; the files do not depend on it (default: all cores, "
+                        f"{os.cpu_count() or 1} here)")
 
     g = p.add_argument_group("images")
     g.add_argument("--image-size", type=parse_image_size, default=(d.height, d.width),
@@ -91,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"train": args.num_images, "val": args.num_val_images, "test": args.num_test_images}
     try:
         config = config_from_args(args)
-        manifest = generate_dataset(out, counts, seed=args.seed, config=config, progress=not args.no_progress)
+        manifest = generate_dataset(out, counts, seed=args.seed, config=config, progress=not args.no_progress,
+                                    workers=args.workers)
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
