@@ -25,7 +25,7 @@ Arguments:
 Environment:
   NUM_IMAGES (12000)    training scenes           NUM_VAL (300)      held-out scenes
   SEED (0)              data seed                 EVAL (1)           evaluate after training
-  VISION_STEPS (1500)   stage-0 steps before PaDT training (0 = none: the recipe before session 10)
+  VISION_STEPS (3000)   stage-0 steps before PaDT training (0 = none: the recipe before session 10)
   VISION_CLASSES        what stage 0 classifies each cell by: colour_kind (colour x kind, default) or kind
   CELL_CLASS_COEF (1)   weight of the cell-category loss (padt/cell_class_loss.py; 0 = off)
   CELL_CLASSES          its classes: colour_kind (default: the colour and kind that each REC sentence and each RIC
@@ -56,7 +56,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 DATA="${DATA_DIR:-${OUT}/data}"
 # the recipe's defaults (docs/shapes.md, "The tiny shapes model"); the environment overrides each
 NUM_IMAGES="${NUM_IMAGES:-12000}"
-VISION_STEPS="${VISION_STEPS:-1500}"
+VISION_STEPS="${VISION_STEPS:-3000}"
 VISION_CLASSES="${VISION_CLASSES:-colour_kind}"
 CELL_CLASS_COEF="${CELL_CLASS_COEF:-1}"
 CELL_CLASSES="${CELL_CLASSES:-colour_kind}"

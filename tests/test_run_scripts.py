@@ -323,7 +323,7 @@ def test_train_configs_parse(name, tmp_path):
         assert args.max_steps > 0 and not args.bf16
     if name == "tiny_shapes":  # the shapes script's recipe: the shapes' pixel count, the authors' loss weights
         assert script.min_pixels == script.max_pixels == 168 * 168
-        assert args.max_steps == 5000 and args.learning_rate == 1e-3 and args.vrt_per_object == 5
+        assert args.max_steps == 4500 and args.learning_rate == 1e-3 and args.vrt_per_object == 5
         assert args.decoder_lr_scale == 2.0 and args.per_device_train_batch_size == 16
         assert set(args.loss_weights().values()) == {1.0}
 
