@@ -14,7 +14,7 @@ Usage: bash run_scripts/padt_tiny_shapes_sft.sh OUTPUT_DIR [extra padt.train fla
 4. trains it on REC/RES + OVD + RIC jointly with configs/train/tiny_shapes.yaml and the cell-category loss on
    colour x kind classes (OUTPUT_DIR/run; a rerun resumes);
 5. evaluates the final model on the held-out scenes with eval/evaluate.py (OUTPUT_DIR/eval; skip with EVAL=0).
-About 27 minutes on 2 CPU cores in session 11 (data 1.5, stage 0 3, PaDT training 21, evaluation 1; slower CPUs
+About 24 minutes on 2 CPU cores in session 12 (data 0.7, stage 0 5.5, PaDT training 17, evaluation 1; slower CPUs
 take up to twice that; docs/shapes.md has the figures). The shipped model (padt/assets/tiny_default) was trained
 longer, in legs (docs/shapes.md).
 
@@ -63,8 +63,8 @@ CELL_CLASSES="${CELL_CLASSES:-colour_kind}"
 EVAL_FLAGS="${EVAL_FLAGS---distinct-vrts}"
 CONFIG="${ROOT}/configs/train/tiny_shapes.yaml"
 NPROC="${NPROC:-2}"
-BATCH="${BATCH:-$("${PYTHON}" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["per_device_train_batch_size"])' \
-    "${CONFIG}")}"
+BATCH="${BATCH:-$("${PYTHON}" -c 'import sys, yaml
+print(yaml.safe_load(open(sys.argv[1]))["per_device_train_batch_size"])' "${CONFIG}")}"
 if [[ ! "${NPROC}" =~ ^[1-9][0-9]*$ || ! "${BATCH}" =~ ^[1-9][0-9]*$ ]] || (( BATCH % NPROC != 0 )); then
     echo "error: BATCH (${BATCH}) must be a positive multiple of NPROC (${NPROC}), the number of training processes" >&2
     exit 2
@@ -161,7 +161,8 @@ fi
 # NPROC processes of OMP_NUM_THREADS / NPROC threads each, BATCH / NPROC samples per process and step
 TRAIN=("${PYTHON}" -m padt.train)
 if (( NPROC > 1 )); then
-    TRAIN=("${PYTHON}" -m torch.distributed.run --standalone --nproc_per_node "${NPROC}" -m padt.train --ddp_backend gloo)
+    TRAIN=("${PYTHON}" -m torch.distributed.run --standalone --nproc_per_node "${NPROC}" -m padt.train
+        --ddp_backend gloo)
 fi
 OMP_NUM_THREADS="$(( OMP_NUM_THREADS > NPROC ? OMP_NUM_THREADS / NPROC : 1 ))" "${TRAIN[@]}" --config "${CONFIG}" \
     --per_device_train_batch_size "$(( BATCH / NPROC ))" \
