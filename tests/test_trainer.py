@@ -338,21 +338,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_run_on_cpu(workspace, tmp_path):
-    """Plain DDP (torchrun, 2 CPU processes, gloo) without activation checkpointing, as the shapes script trains. The
-    Trainer searches for unused parameters there unless told not to, and DDP then failed at the first backward
-    ("Expected to mark a variable ready only once": the decoder runs outside the wrapped forward)."""
-    out = tmp_path / "ddp"
+def _torchrun_two_steps(ws: dict[str, Path], out: Path, nproc: int, *flags: str) -> list[dict]:
+    """`torchrun -m padt.train` (tiny CPU config, gloo, one thread per process) for 2 steps; returns the logged loss
+    entries, checked to be steps 1 and 2 with finite losses."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "padt.train", "--config", str(ROOT / "configs/train/tiny_cpu.yaml"),
-           "--model_name_or_path", str(workspace["model"]), "--data_file_paths", str(workspace["data_file"]),
-           "--image_folders", str(workspace["image_folder"]), "--output_dir", str(out), "--ddp_backend", "gloo",
-           "--activation_checkpointing", "false", "--max_steps", "2", "--save_steps", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), "-m", "padt.train", "--config", str(ROOT / "configs/train/tiny_cpu.yaml"),
+           "--model_name_or_path", str(ws["model"]), "--data_file_paths", str(ws["data_file"]),
+           "--image_folders", str(ws["image_folder"]), "--output_dir", str(out), "--ddp_backend", "gloo",
+           "--max_steps", "2", "--save_steps", "2", *flags]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     losses = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss_ce" in e]
     assert [e["step"] for e in losses] == [1, 2] and all(math.isfinite(e["loss"]) for e in losses)
+    return losses
+
+
+def test_two_process_ddp_run_on_cpu(workspace, tmp_path):
+    """Plain DDP (torchrun, 2 CPU processes, gloo) without activation checkpointing, as the shapes script trains. The
+    Trainer searches for unused parameters there unless told not to, and DDP then failed at the first backward
+    ("Expected to mark a variable ready only once": the decoder runs outside the wrapped forward)."""
+    losses = _torchrun_two_steps(workspace, tmp_path / "ddp", 2, "--activation_checkpointing", "false")
     # 8 records, 1 per process and step: two processes make an epoch of 4 steps (one process: 8)
     assert losses[-1]["epoch"] == pytest.approx(0.5)
 
@@ -363,19 +369,9 @@ def test_deepspeed_tiny_run_on_cpu(workspace, tmp_path, stage, lora):
     """`python -m padt.train --deepspeed configs/deepspeed/zero{2,3}.json` on one CPU process (gloo): trains, logs,
     saves a model that loads back (with LoRA: merged, no adapter keys left)."""
     out = tmp_path / f"zero{stage}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_free_port()),
-           "-m", "padt.train", "--config", str(ROOT / "configs/train/tiny_cpu.yaml"),
-           "--model_name_or_path", str(workspace["model"]), "--data_file_paths", str(workspace["data_file"]),
-           "--image_folders", str(workspace["image_folder"]), "--output_dir", str(out), "--ddp_backend", "gloo",
-           "--deepspeed", str(ROOT / f"configs/deepspeed/zero{stage}.json"), "--max_steps", "2", "--save_steps", "2"]
-    if lora:
-        cmd += ["--use_lora", "true", "--lora_r", "4", "--lora_alpha", "8"]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    state = json.loads((out / "trainer_state.json").read_text())
-    losses = [e for e in state["log_history"] if "loss_ce" in e]
-    assert [e["step"] for e in losses] == [1, 2] and all(math.isfinite(e["loss"]) for e in losses)
+    lora_flags = ["--use_lora", "true", "--lora_r", "4", "--lora_alpha", "8"] if lora else []
+    _torchrun_two_steps(workspace, out, 1, "--deepspeed", str(ROOT / f"configs/deepspeed/zero{stage}.json"),
+                        *lora_flags)
     from padt.modeling import PaDTForConditionalGeneration
 
     _, info = PaDTForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)

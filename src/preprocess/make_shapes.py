@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="scene i of split s uses default_rng([seed, s, i]) (default 0)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that already has a manifest.json")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes that draw the scenes; the files do not depend on it (default: all cores, "
-                        f"{os.cpu_count() or 1} here)")
+    cores = os.cpu_count() or 1
+    p.add_argument("--workers", type=int, default=cores,
+                   help=f"processes that draw the scenes; the files do not depend on it (default: all cores, "
+                        f"{cores} here)")
 
     g = p.add_argument_group("images")
     g.add_argument("--image-size", type=parse_image_size, default=(d.height, d.width),
