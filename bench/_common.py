@@ -406,7 +406,7 @@ def build_vanilla_model(config_dir: str, seed: int, base_state: dict | None = No
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from padt.modeling import PADT_MODULE_NAMES
+    from padt.model.modeling import PADT_MODULE_NAMES
 
     config = Qwen2_5_VLConfig.from_pretrained(config_dir)
     torch.manual_seed(seed)

@@ -30,7 +30,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from padt.parsing import gather_object_features, gather_object_prototypes, parseVRTintoCompletion
+from padt.processing.parsing import gather_object_features, gather_object_prototypes, parseVRTintoCompletion
 from padt.processing import PaDTProcessor, load_processor
 
 AUTHORS_MEASURED = {1: 1889.0, 16: 1022.0}

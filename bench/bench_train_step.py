@@ -4,9 +4,9 @@ Workload (the authors' anchor): the bench config with random weights from a fixe
 base weights), 4 samples of one 448x448 image (256 merged cells) with 2 masked objects each (5 VRTs per object),
 fp32, sdpa, 2 threads, train mode, no activation checkpointing. One step = forward + loss + backward, no optimizer.
 
-* padt: `padt.training_step.compute_padt_loss` (robust CE over text + VRT logits at completion positions, decoder on
+* padt: `padt.train.step.compute_padt_loss` (robust CE over text + VRT logits at completion positions, decoder on
   the objects' hidden states, box/score/mask losses) and `backward`, on the batch `padt.data.PaDTCollator` builds
-  from generated records (`padt.tiny_data`) in the released JSONL format.
+  from generated records (`padt.testing.sft_data`) in the released JSONL format.
 * vanilla: transformers' `Qwen2_5_VLForConditionalGeneration(**inputs, labels=labels)` (stock next-token CE over the
   full sequence, what a plain SFT trainer runs) and `backward` on the same sequences, VRT ids replaced by a text id and
   labels -100 outside the completion.
@@ -88,9 +88,9 @@ def build_batches(config_dir: str, processor_dir: str, samples: int, image_size:
 
     from padt import PaDTConfig
     from padt.data import PaDTCollator, PaDTDataset
-    from padt.decoder import MASK_SUBPIXEL_SPLIT
+    from padt.model.decoder.decoder import MASK_SUBPIXEL_SPLIT
     from padt.processing import PaDTProcessor
-    from padt.tiny_data import make_tiny_sft_data
+    from padt.testing.sft_data import make_tiny_sft_data
 
     vrt_base_id = PaDTConfig.from_pretrained(config_dir).vrt_base_id
     mask_upscale = MASK_SUBPIXEL_SPLIT * MASK_SUBPIXEL_SPLIT
@@ -118,8 +118,8 @@ def build_batches(config_dir: str, processor_dir: str, samples: int, image_size:
 
 def make_steps(padt_model: Any, vanilla_model: Any, padt_batch: dict, vanilla_inputs: dict) -> dict[str, Any]:
     """Callables running one untimed-setup step each; they return the step's loss (a float)."""
-    from padt.losses import PaDTCriterion
-    from padt.training_step import compute_padt_loss
+    from padt.train.losses import PaDTCriterion
+    from padt.train.step import compute_padt_loss
 
     criterion = PaDTCriterion()
     ce_only = PaDTCriterion(use_bbox_loss=False, use_score_loss=False, use_mask_loss=False)

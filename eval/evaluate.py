@@ -26,7 +26,7 @@ from padt.evaluation.data import TASKS
 from padt.evaluation.pipeline import EvalOptions, MissingPredictionsError, evaluate_split, split_name, write_summary
 from padt.evaluation.table import format_table
 from padt.evaluation.tasks import PROTOCOLS
-from padt.metrics.caption import ALL_METRICS, DEFAULT_METRICS
+from padt.evaluation.metrics.caption import ALL_METRICS, DEFAULT_METRICS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8, help="samples per generate call (left padding)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--distinct-vrts", action="store_true",
-                    help="forbid repeating a VRT within one object's run while generating (padt.vrt_generation; "
+                    help="forbid repeating a VRT within one object's run while generating (padt.processing.generation; "
                          "off = the authors' greedy decoding)")
     ap.add_argument("--annotations", help="ovd: official COCO annotations (else the records are the ground truth)")
     ap.add_argument("--limit", type=int, help="evaluate only the first N samples of each split")
@@ -64,7 +64,7 @@ def _predictor_factory(args: argparse.Namespace, dist: distributed.DistInfo):
     def load():
         import torch
 
-        from padt.predictor import PaDTPredictor
+        from padt.inference.predictor import PaDTPredictor
 
         device = args.device or (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)

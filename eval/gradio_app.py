@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("the demo needs gradio: pip install -e .[demo]", file=sys.stderr)
         return 2
-    from padt.app import DemoApp, launch
+    from padt.inference.demo import DemoApp, launch
 
     model = args.model or DEFAULT_MODEL
     try:

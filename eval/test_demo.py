@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import UnidentifiedImageError
 
-    from padt.app import build_prompt
-    from padt.masks import rle_encode
-    from padt.predictor import PaDTPredictor
+    from padt.inference.demo import build_prompt
+    from padt.geometry.masks import rle_encode
+    from padt.inference.predictor import PaDTPredictor
     from padt.processing import load_image
-    from padt.visualization import draw_boxes, draw_masks, draw_vrt_cells
+    from padt.inference.visualization import draw_boxes, draw_masks, draw_vrt_cells
 
     try:
         image = load_image(image_path)

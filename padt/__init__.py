@@ -14,21 +14,21 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # model
-    "PaDTConfig": "padt.config",
-    "PaDTForConditionalGeneration": "padt.modeling",
-    "PaDTCausalLMOutput": "padt.outputs",
-    "PaDTGenerateOutput": "padt.outputs",
-    "VRTImageState": "padt.image_state",
-    "PaDTDecoder": "padt.decoder",
+    "PaDTConfig": "padt.model.configuration",
+    "PaDTForConditionalGeneration": "padt.model.modeling",
+    "PaDTCausalLMOutput": "padt.model.outputs",
+    "PaDTGenerateOutput": "padt.model.outputs",
+    "VRTImageState": "padt.model.image_state",
+    "PaDTDecoder": "padt.model.decoder.decoder",
     # processing (authors' names and ours)
     "VisonTextProcessingClass": "padt.processing",
     "PaDTProcessor": "padt.processing",
-    "VRTCodec": "padt.vrt",
-    "parseVRTintoCompletion": "padt.parsing",
-    "parse_completion": "padt.parsing",
+    "VRTCodec": "padt.processing.vrt",
+    "parseVRTintoCompletion": "padt.processing.parsing",
+    "parse_completion": "padt.processing.parsing",
     # one-call inference
-    "PaDTPredictor": "padt.predictor",
-    "Prediction": "padt.predictor",
+    "PaDTPredictor": "padt.inference.predictor",
+    "Prediction": "padt.inference.predictor",
 }
 
 __all__ = ["__version__", *_EXPORTS]

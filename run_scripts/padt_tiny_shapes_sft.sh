@@ -27,13 +27,13 @@ Environment:
   SEED (0)              data seed                 EVAL (1)           evaluate after training
   VISION_STEPS (3000)   stage-0 steps before PaDT training (0 = none: the recipe before session 10)
   VISION_CLASSES        what stage 0 classifies each cell by: colour_kind (colour x kind, default) or kind
-  CELL_CLASS_COEF (1)   weight of the cell-category loss (padt/cell_class_loss.py; 0 = off)
+  CELL_CLASS_COEF (1)   weight of the cell-category loss (padt/shapes/cell_class_loss.py; 0 = off)
   CELL_CLASSES          its classes: colour_kind (default: the colour and kind that each REC sentence and each RIC
                         caption mention names) or kind (OVD objects' kinds, as in the shipped model's last legs)
   DATA_DIR              data folder to use or create (default OUTPUT_DIR/data; the ablations share one)
   EXTRA_DATA_DIRS       more generated training sets to mix in, space-separated (made beforehand with
                         src/preprocess/make_shapes.py and another --seed; same image size; evaluation stays on DATA_DIR)
-  INIT_FLAGS            extra flags for 'python -m padt.tiny_model', e.g. --no-prototype-projection
+  INIT_FLAGS            extra flags for 'python -m padt.testing.models', e.g. --no-prototype-projection
   EVAL_LIMIT (0)        evaluate only the first N held-out samples per task (0 = all)
   EVAL_FLAGS            flags for the four 'eval/evaluate.py' calls (default --distinct-vrts; EVAL_FLAGS= for none)
   REFER_REPEAT (1)      copies of each set's REC/RES training file in the mix (0 = leave the task out); likewise
@@ -125,7 +125,7 @@ done
 # mrope 8/4/4; vision theta 1e4) leave image rows and columns almost unrotated, so a model trained from scratch could
 # not tell where a cell is (docs/shapes.md). merge_block: the geometrically consistent decoder feature order.
 if [[ ! -f "${OUT}/init/config.json" ]]; then
-    "${PYTHON}" -m padt.tiny_model --out "${OUT}/init" --training-start --seed 0 \
+    "${PYTHON}" -m padt.testing.models --out "${OUT}/init" --training-start --seed 0 \
         --text-hidden-size 128 --text-layers 4 --vision-hidden-size 64 --vision-depth 4 --vision-heads 4 \
         --window-size 224 --text-rope-theta 10 --mrope-section 2 7 7 --vision-rope-theta 100 \
         --vrt-feature-order merge_block --min-pixels "${PIXELS}" --max-pixels "${PIXELS}" ${INIT_FLAGS:-}
@@ -133,7 +133,7 @@ fi
 
 # Stage 0 (VISION_STEPS > 0; docs/shapes.md has what it measured): the vision tower learns each merged cell's classes
 # (VISION_CLASSES), pixels and position from the training scenes, a stand-in for Qwen2.5-VL's pretrained tower
-# (padt/vision_pretrain.py). PaDT training then trains the tower at the full rate (the cell-category loss keeps the
+# (padt/shapes/vision_pretrain.py). PaDT training then trains the tower at the full rate (the cell-category loss keeps the
 # classes; the earlier experiments passed --vision_lr_scale 0.1). A rerun resumes stage 0 or reuses
 # OUTPUT_DIR/init_vision.
 INIT="${OUT}/init"
@@ -151,7 +151,7 @@ fi
 # object's cells the one its caption mention names ("A red square (<|Obj_0|>)" -> "red square").
 CELL_FLAGS=()
 if [[ "${CELL_CLASS_COEF}" != "0" ]]; then
-    NAMES_TEXT="$("${PYTHON}" -c 'import json, sys; from padt.shapes import cell_class_names
+    NAMES_TEXT="$("${PYTHON}" -c 'import json, sys; from padt.shapes.benchmark import cell_class_names
 print(*cell_class_names(json.load(open(sys.argv[1]))["options"], sys.argv[2]), sep="\n")' \
         "${DATA}/manifest.json" "${CELL_CLASSES}")"
     mapfile -t NAMES <<< "${NAMES_TEXT}"

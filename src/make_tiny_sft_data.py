@@ -2,14 +2,14 @@
 
     python src/make_tiny_sft_data.py --out /tmp/padt_tiny        # -> /tmp/padt_tiny/{model,data/train.jsonl,data/images}
 
-See `padt.tiny_data` (what the images and records hold) and `run_scripts/padt_tiny_cpu_sft.sh` (trains on it).
+See `padt.testing.sft_data` (what the images and records hold) and `run_scripts/padt_tiny_cpu_sft.sh` (trains on it).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from padt.tiny_data import make_tiny_sft_workspace
+from padt.testing.sft_data import make_tiny_sft_workspace
 
 
 def main(argv: list[str] | None = None) -> None:

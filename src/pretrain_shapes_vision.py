@@ -1,5 +1,5 @@
 """Pretrain the vision tower of a from-scratch PaDT model on the shapes scenes' cell classes (library:
-`padt/vision_pretrain.py`, which says why), then save the whole model as the start of `padt.train`.
+`padt/shapes/vision_pretrain.py`, which says why), then save the whole model as the start of `padt.train`.
 
     python src/pretrain_shapes_vision.py --model OUT/init --data OUT/data [MORE_DATA...] --out OUT/init_vision
 
@@ -16,12 +16,12 @@ import json
 import logging
 from pathlib import Path
 
-from padt.shapes import CELL_CLASS_SETS, cell_class_names
+from padt.shapes.benchmark import CELL_CLASS_SETS, cell_class_names
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="PaDT model folder to start from (e.g. padt.tiny_model output)")
+    ap.add_argument("--model", required=True, help="PaDT model folder to start from (e.g. padt.testing.models output)")
     ap.add_argument("--data", required=True, nargs="+", help="shapes data folder(s) with manifest.json")
     ap.add_argument("--out", required=True, help="folder for the pretrained model (and its trainer checkpoints)")
     ap.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import TrainingArguments
 
-    from padt.vision_pretrain import load_cell_records, load_coco_cell_records, pretrain_vision
+    from padt.shapes.vision_pretrain import load_cell_records, load_coco_cell_records, pretrain_vision
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     folders = [Path(d) for d in args.data]

@@ -56,14 +56,14 @@ def close(got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> Non
 
 @pytest.fixture
 def tiny_config():
-    from padt.tiny_model import tiny_padt_config
+    from padt.testing.models import tiny_padt_config
 
     return tiny_padt_config()
 
 
 def make_tiny_model(**overrides):
     from padt import PaDTForConditionalGeneration
-    from padt.tiny_model import tiny_padt_config
+    from padt.testing.models import tiny_padt_config
 
     torch.manual_seed(0)
     model = PaDTForConditionalGeneration(tiny_padt_config(**overrides)).eval()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from padt import box_ops
-from padt.box_ops import (
+from padt.geometry import boxes as box_ops
+from padt.geometry.boxes import (
     box_area,
     box_cxcywh_to_xyxy,
     box_iou,

@@ -1,4 +1,4 @@
-"""The cell-category auxiliary loss (padt/cell_class_loss.py): targets, value, gradients and its place in training."""
+"""The cell-category auxiliary loss (padt/shapes/cell_class_loss.py): targets, value, gradients and its place in training."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from padt.cell_class_loss import IGNORE, CellClasses, cell_class_loss, cell_class_targets
-from padt.tiny_data import COLOURS, SHAPES
-from padt.training_step import compute_padt_loss, unwrap_padt_model
+from padt.shapes.cell_class_loss import IGNORE, CellClasses, cell_class_loss, cell_class_targets
+from padt.testing.sft_data import COLOURS, SHAPES
+from padt.train.step import compute_padt_loss, unwrap_padt_model
 from tests.test_trainer import build, train_args
 
 TINY_LABELS = [f"{c} {k}" for c in COLOURS for k in SHAPES]
@@ -114,7 +114,7 @@ def test_arguments_need_names_and_weight_together(tmp_path):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from padt.tiny_data import make_tiny_sft_workspace
+    from padt.testing.sft_data import make_tiny_sft_workspace
 
     return make_tiny_sft_workspace(tmp_path_factory.mktemp("cell_ws"), num_images=4, num_empty=0)
 

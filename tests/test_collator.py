@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from padt.data import PaDTCollator, PaDTDataset, build_answer, robust_cell_mask
-from padt.masks import rle_encode
+from padt.geometry.masks import rle_encode
 from padt.processing import PaDTProcessor
-from padt.tiny import build_tiny_processor, build_tiny_tokenizer
+from padt.testing.tokenizer import build_tiny_processor, build_tiny_tokenizer
 
 pytest.importorskip("cv2")
 ORACLE = Path(__file__).parent / "fixtures" / "oracle_ref"

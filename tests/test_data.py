@@ -25,7 +25,7 @@ from padt.data import (
     sample_rng,
     split_hub_path,
 )
-from padt.masks import FOREGROUND_RULES, foreground_cells, merged_grid_for_image, rle_encode
+from padt.geometry.masks import FOREGROUND_RULES, foreground_cells, merged_grid_for_image, rle_encode
 from padt.preprocess.common import GridSpec
 from padt.preprocess.objects import object_from_geometry
 from padt.preprocess.templates import make_record
@@ -338,7 +338,7 @@ def test_tiny_images_are_upscaled_to_one_cell(tmp_path: Path):
 
 
 def test_grid_geometry_from_processor():
-    from padt.tiny import build_tiny_processor
+    from padt.testing.tokenizer import build_tiny_processor
 
     proc = build_tiny_processor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     assert GridGeometry.from_processor(proc) == GEOMETRY

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from padt.decoder import PaDTDecoder, RMSNorm, patch_positions
-from padt.decoder_attention import VarlenLayout, apply_rotary, varlen_attention
-from padt.vl_decode import vl_decode
+from padt.model.decoder.decoder import PaDTDecoder, RMSNorm, patch_positions
+from padt.model.decoder.attention import VarlenLayout, apply_rotary, varlen_attention
+from padt.model.decoder.vl_decode import vl_decode
 
 ORACLE = Path(__file__).parent / "fixtures" / "oracle_ref"
 FEATURE_SETS = ["decode_hidden", "decode_proto", "decode_synth", "decode_synth_empty0"]
@@ -339,7 +339,7 @@ def test_equal_length_fast_path_equals_padded_path(oracle_io_for_fast_path=None)
     import torch
     from safetensors.torch import load_file
 
-    from padt.modeling import PaDTForConditionalGeneration
+    from padt.model.modeling import PaDTForConditionalGeneration
 
     root = "tests/fixtures/oracle_ref"
     io = load_file(f"{root}/io.safetensors")
@@ -361,7 +361,7 @@ def test_fast_path_gradients_equal_padded_path_gradients():
     """The fused paths (norm weights folded into one key|query projection, pair-interleaved complex rotary, scatter
     of un-permuted mask logits) must give the padded varlen path's gradients too, for every decoder parameter and for
     the VRT features and high-res states."""
-    from padt.modeling import PaDTForConditionalGeneration
+    from padt.model.modeling import PaDTForConditionalGeneration
 
     io = load_file(ORACLE / "io.safetensors")
     model = PaDTForConditionalGeneration.from_pretrained(ORACLE / "model", dtype=torch.float32).eval()

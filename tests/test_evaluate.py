@@ -20,8 +20,8 @@ from padt.evaluation.pipeline import EvalOptions, MissingPredictionsError, evalu
 from padt.evaluation.records import PredictionStore, read_predictions
 from padt.evaluation.runner import run_inference, shard
 from padt.evaluation.table import format_table
-from padt.masks import rle_decode, rle_encode
-from padt.predictor import PredictedObject, Prediction
+from padt.geometry.masks import rle_decode, rle_encode
+from padt.inference.predictor import PredictedObject, Prediction
 from padt.preprocess.templates import RIC_PROMPT, make_record, ovd_answer, ovd_prompt, rec_answer, rec_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,7 +232,7 @@ def test_interrupted_run_resumes_without_regenerating(data, tmp_path):
 
 
 def test_resume_with_the_real_tiny_model(data, tmp_path):
-    from padt.predictor import PaDTPredictor
+    from padt.inference.predictor import PaDTPredictor
 
     def load(fail_after=None):
         real = PaDTPredictor.from_pretrained(TINY, device="cpu", max_new_tokens=48)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from padt.app import TASK_PRESETS, DemoApp, build_prompt, launch
-from padt.predictor import PredictedObject, Prediction
+from padt.inference.demo import TASK_PRESETS, DemoApp, build_prompt, launch
+from padt.inference.predictor import PredictedObject, Prediction
 from padt.preprocess.templates import RIC_PROMPT, ovd_prompt, rec_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,13 +112,13 @@ def test_app_starts_and_answers_on_localhost(tmp_path, monkeypatch):
 
 
 def test_cli_defaults_to_localhost(monkeypatch):
-    import padt.app
+    import padt.inference.demo
 
     spec = importlib.util.spec_from_file_location("padt_gradio_cli", ROOT / "eval" / "gradio_app.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     calls = {}
-    monkeypatch.setattr(padt.app.DemoApp, "from_pretrained", classmethod(lambda cls, *a, **k: "app"))
-    monkeypatch.setattr(padt.app, "launch", lambda app, **kw: calls.update(app=app, **kw))
+    monkeypatch.setattr(padt.inference.demo.DemoApp, "from_pretrained", classmethod(lambda cls, *a, **k: "app"))
+    monkeypatch.setattr(padt.inference.demo, "launch", lambda app, **kw: calls.update(app=app, **kw))
     assert module.main([]) == 0
     assert calls == {"app": "app", "host": "127.0.0.1", "port": 7860}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
 
-from padt.losses import (
+from padt.train.losses import (
     PaDTCriterion,
     box_losses,
     dice_loss,
@@ -20,7 +20,7 @@ from padt.losses import (
     score_loss,
     sigmoid_focal_loss,
 )
-from padt.training_step import compute_padt_loss
+from padt.train.step import compute_padt_loss
 
 # ---------------------------------------------------------------------------------------------------- CE
 

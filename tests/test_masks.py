@@ -1,11 +1,11 @@
-"""padt.masks: RLE round trips, grids (vs transformers' smart_resize) and the foreground-cell rule."""
+"""padt.geometry.masks: RLE round trips, grids (vs transformers' smart_resize) and the foreground-cell rule."""
 
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from padt.masks import (
+from padt.geometry.masks import (
     FOREGROUND_RULES,
     box_mask,
     cell_coverage,

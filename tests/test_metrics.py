@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values on small fixtures (padt.metrics)."""
+"""Metrics against hand-computed values on small fixtures (padt.evaluation.metrics)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import io
 import numpy as np
 import pytest
 
-from padt.masks import rle_encode
-from padt.metrics import caption
-from padt.metrics.boxes import authors_box_xywh, box_iou_xyxy, normalized_xyxy_to_pixels
-from padt.metrics.caption import caption_scores, simple_ptb_tokenize, strip_object_refs
-from padt.metrics.coco import STAT_NAMES, coco_map
-from padt.metrics.grounding import GroundingCounts, greedy_match
-from padt.metrics.rec import accuracy_at, best_iou_per_key, top1_box_ious
-from padt.metrics.res import ciou, giou, mask_intersection_union, mask_iou
+from padt.geometry.masks import rle_encode
+from padt.evaluation.metrics import caption
+from padt.evaluation.metrics.boxes import authors_box_xywh, box_iou_xyxy, normalized_xyxy_to_pixels
+from padt.evaluation.metrics.caption import caption_scores, simple_ptb_tokenize, strip_object_refs
+from padt.evaluation.metrics.coco import STAT_NAMES, coco_map
+from padt.evaluation.metrics.grounding import GroundingCounts, greedy_match
+from padt.evaluation.metrics.rec import accuracy_at, best_iou_per_key, top1_box_ious
+from padt.evaluation.metrics.res import ciou, giou, mask_intersection_union, mask_iou
 
 
 def _rect(h, w, y0, y1, x0, x1):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tiny_batch import Sample, build_batch
 
 from padt import PaDTForConditionalGeneration
-from padt.tiny_model import tiny_padt_config
+from padt.testing.models import tiny_padt_config
 
 VRT_TAIL = [7, ("vrt", 0, 1), ("vrt", 0, 3), 8, ("vrt", 0, 0), 9]
 
@@ -217,7 +217,7 @@ def test_import_padt_leaves_vanilla_qwen_unchanged_and_imports_no_optional_stack
 import sys, torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as M
-from padt.tiny_model import tiny_padt_config  # config only, does not import the model yet
+from padt.testing.models import tiny_padt_config  # config only, does not import the model yet
 cfg = tiny_padt_config().to_dict()
 for k in ("vl_decoder", "use_visual_prototype_projection"): cfg.pop(k)
 from transformers import Qwen2_5_VLConfig
@@ -232,7 +232,7 @@ with torch.no_grad():
     before = m(**kw).logits
 import padt
 from padt import PaDTForConditionalGeneration, PaDTDecoder
-import padt.modeling, padt.decoder, padt.vl_decode
+import padt.model.modeling, padt.model.decoder.decoder, padt.model.decoder.vl_decode
 after_fwd = (M.Qwen2_5_VisionTransformerPretrainedModel.forward, M.Qwen2_5_VLModel.forward,
              M.Qwen2_5_VLForConditionalGeneration.forward, M.Qwen2_5_VLForConditionalGeneration.generate)
 with torch.no_grad():
@@ -257,7 +257,7 @@ def test_merge_block_feature_order_groups_rows_by_cell():
     assert not torch.equal(a.high_res_embeds, b.high_res_embeds)
     # same rows, other order; in merge_block order rows 4c..4c+3 belong to cell c, like the prototypes
     assert torch.allclose(a.high_res_embeds.sort(0).values, b.high_res_embeds.sort(0).values)
-    from padt.vision import window_index
+    from padt.model.vision import window_index
 
     idx = window_index(window.model.visual, batch["image_grid_thw"])
     torch.testing.assert_close(a.high_res_embeds.reshape(16, 4, -1)[torch.argsort(idx)], b.high_res_embeds.reshape(16, 4, -1))
@@ -378,7 +378,7 @@ def test_op_overhead_over_vanilla_qwen_stays_small(text_steps):
 
 
 def test_embed_with_prototypes_reads_each_table_only_where_it_applies():
-    from padt.embedding import embed_with_prototypes
+    from padt.model.prototypes import embed_with_prototypes
 
     torch.manual_seed(0)
     V, H = 10, 4

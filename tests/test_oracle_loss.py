@@ -19,8 +19,8 @@ import torch
 from conftest import ORACLE_DIR, close
 
 from padt import PaDTForConditionalGeneration
-from padt.losses import PaDTCriterion
-from padt.training_step import compute_padt_loss, object_features
+from padt.train.losses import PaDTCriterion
+from padt.train.step import compute_padt_loss, object_features
 
 PROMPT_LENGTH = 64
 VARIANTS = (("main", False), ("warmup", True))  # main: hidden-state features; warmup: prototypes of the VRT cells

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.utils import ModelOutput
 
-from padt.outputs import PaDTCausalLMOutput
+from padt.model.outputs import PaDTCausalLMOutput
 
 
 @dataclass
@@ -65,7 +65,7 @@ def test_assignment_after_construction():
 def test_field_names_are_computed_once(monkeypatch):
     """transformers recomputes `dataclasses.fields` on every assignment (quadratic in the fields); ours does not."""
     PaDTCausalLMOutput(logits=torch.ones(1))  # warm the per-class cache
-    import padt.outputs as outputs_module
+    import padt.model.outputs as outputs_module
 
     calls = []
     real = outputs_module.fields

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from padt.parsing import (
+from padt.processing.parsing import (
     ParsedObject,
     build_token_table,
     gather_object_features,
@@ -17,8 +17,8 @@ from padt.parsing import (
     parseVRTintoCompletion,
 )
 from padt.processing import PaDTProcessor, VisonTextProcessingClass, load_processor
-from padt.tiny import build_tiny_processor
-from padt.vrt import VRTCodec
+from padt.testing.tokenizer import build_tiny_processor
+from padt.processing.vrt import VRTCodec
 
 ORACLE = Path(__file__).parent / "fixtures" / "oracle_ref"
 V = 1024

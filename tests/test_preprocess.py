@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from padt.masks import FOREGROUND_RULES, foreground_cells, merged_grid_for_image, rle_decode, rle_encode
+from padt.geometry.masks import FOREGROUND_RULES, foreground_cells, merged_grid_for_image, rle_decode, rle_encode
 from padt.preprocess import (
     GridSpec,
     OVDOptions,

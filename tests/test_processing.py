@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from padt.parsing import parseVRTintoCompletion
+from padt.processing.parsing import parseVRTintoCompletion
 from padt.processing import (
     ImageOnlyQwen2_5_VLProcessor,
     PaDTProcessor,
@@ -24,7 +24,7 @@ from padt.processing import (
     smart_resize,
     torchvision_available,
 )
-from padt.tiny import QWEN_ADDED_TOKENS, build_tiny_processor, build_tiny_tokenizer
+from padt.testing.tokenizer import QWEN_ADDED_TOKENS, build_tiny_processor, build_tiny_tokenizer
 
 ORACLE = Path(__file__).parent / "fixtures" / "oracle_ref"
 V = 1024  # embedding rows of a tiny model around the tiny tokenizer (1022 entries)

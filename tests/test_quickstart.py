@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from padt.processing import torchvision_available
-from padt.tiny import build_tiny_processor, build_tiny_tokenizer
-from padt.tiny_model import tiny_padt_config_for_tokenizer
+from padt.testing.tokenizer import build_tiny_processor, build_tiny_tokenizer
+from padt.testing.models import tiny_padt_config_for_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""padt.row_cross_entropy: values and gradients against torch's cross-entropy, hidden columns, the denormal cut."""
+"""padt.train.row_cross_entropy: values and gradients against torch's cross-entropy, hidden columns, the denormal cut."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from padt.row_cross_entropy import DENORMAL_EXPONENT, row_cross_entropy
+from padt.train.row_cross_entropy import DENORMAL_EXPONENT, row_cross_entropy
 
 
 def _reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

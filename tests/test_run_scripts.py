@@ -32,7 +32,7 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 60) -> subproc
 def make_small_shapes(folder: Path, counts: dict[str, int], seed: int = 0, **options):
     """A tiny generated shapes set (56 x 56 px scenes, one large shape each) for the shapes scripts' tests; `options`
     override `ShapesConfig` fields. Returns the config."""
-    from padt.shapes import ShapesConfig, generate_dataset
+    from padt.shapes.benchmark import ShapesConfig, generate_dataset
 
     config = ShapesConfig(**{"height": 56, "width": 56, "max_objects": 1, "size_range": (0.5, 0.7), **options})
     generate_dataset(folder, counts, seed=seed, config=config)
@@ -67,7 +67,7 @@ def _train_flags(argv: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_builds_the_authors_hyperparameters(name):
-    from padt.train_args import parse_train_args
+    from padt.train.arguments import parse_train_args
 
     argv = _dry_run(name, "--coco_root", "/data/coco", env={"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.1.2.3",
                                                             "MASTER_PORT": "23456", "NPROC_PER_NODE": "4"})
@@ -312,7 +312,7 @@ def test_data_mixtures_load():
 
 @pytest.mark.parametrize("name", ["sft_3b", "sft_7b", "tiny_cpu", "tiny_shapes"])
 def test_train_configs_parse(name, tmp_path):
-    from padt.train_args import parse_train_args
+    from padt.train.arguments import parse_train_args
 
     script, args = parse_train_args(["--config", str(ROOT / f"configs/train/{name}.yaml"), "--use_cpu", "true",
                                      "--output_dir", str(tmp_path)])

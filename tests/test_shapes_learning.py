@@ -15,10 +15,10 @@ import torch
 
 from padt.evaluation.data import load_samples, referred_object
 from padt.evaluation.pipeline import EvalOptions, evaluate_split
-from padt.metrics.rec import accuracy_at, top1_box_ious
-from padt.predictor import PaDTPredictor
-from padt.shapes import ShapesConfig, generate_dataset
-from padt.tiny_model import build_tiny_checkpoint
+from padt.evaluation.metrics.rec import accuracy_at, top1_box_ious
+from padt.inference.predictor import PaDTPredictor
+from padt.shapes.benchmark import ShapesConfig, generate_dataset
+from padt.testing.models import build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "padt" / "assets" / "tiny_default"
@@ -50,7 +50,7 @@ SMALL_SCENES = ShapesConfig(height=112, width=112, colours=("red", "green", "blu
 def trained(tmp_path_factory) -> dict:
     """A tiny PaDT trained from scratch for 150 steps (batch 8, about 30 s) on 24 one-object scenes; returns the loss
     history and the paths."""
-    from padt.train import main
+    from padt.train.run import main
 
     root = tmp_path_factory.mktemp("shapes_learning")
     data = root / "data"

@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from padt.tiny_data import make_tiny_sft_workspace
-from padt.train_args import PaDTScriptArguments, PaDTTrainingArguments, parse_train_args
-from padt.train_setup import (
+from padt.testing.sft_data import make_tiny_sft_workspace
+from padt.train.arguments import PaDTScriptArguments, PaDTTrainingArguments, parse_train_args
+from padt.train.setup import (
     build_train_data,
     load_model,
     load_padt_processor,
@@ -27,7 +27,7 @@ from padt.train_setup import (
     merge_lora_state_dict,
     prepare_model_for_training,
 )
-from padt.trainer import PaDTTrainer, build_criterion, epoch_of
+from padt.train.trainer import PaDTTrainer, build_criterion, epoch_of
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_score", "loss_dice", "loss_mask", "iou", "giou",
@@ -151,7 +151,7 @@ def test_ablations_keep_every_trainable_parameter_reached(workspace, tmp_path, s
 
 # ============================================================================ warm-up, epochs, resume
 def test_decoder_warmup_uses_prototypes_for_the_first_steps(workspace, tmp_path, monkeypatch):
-    from padt import training_step
+    from padt.train import step as training_step
 
     seen = []
     real = training_step.compute_padt_loss
@@ -230,7 +230,7 @@ def test_lora_trains_adapters_and_padt_modules_then_merges(workspace, tmp_path):
     out = tmp_path / "merged"
     trainer.save_model(str(out))
     assert merge_lora_checkpoint(out, lora_scale(args)) == 2 * 7  # 2 layers x 7 linear layers
-    from padt.modeling import PaDTForConditionalGeneration
+    from padt.model.modeling import PaDTForConditionalGeneration
 
     merged, info = PaDTForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -372,7 +372,7 @@ def test_deepspeed_tiny_run_on_cpu(workspace, tmp_path, stage, lora):
     lora_flags = ["--use_lora", "true", "--lora_r", "4", "--lora_alpha", "8"] if lora else []
     _torchrun_two_steps(workspace, out, 1, "--deepspeed", str(ROOT / f"configs/deepspeed/zero{stage}.json"),
                         *lora_flags)
-    from padt.modeling import PaDTForConditionalGeneration
+    from padt.model.modeling import PaDTForConditionalGeneration
 
     _, info = PaDTForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -1,4 +1,4 @@
-"""Vision pretraining of from-scratch models (padt/vision_pretrain.py, src/pretrain_shapes_vision.py)."""
+"""Vision pretraining of from-scratch models (padt/shapes/vision_pretrain.py, src/pretrain_shapes_vision.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from padt.masks import rle_encode
-from padt.shapes import ShapesConfig, generate_dataset
-from padt.tiny_model import build_tiny_checkpoint
-from padt.vision_pretrain import cell_class_labels, load_cell_records
+from padt.geometry.masks import rle_encode
+from padt.shapes.benchmark import ShapesConfig, generate_dataset
+from padt.testing.models import build_tiny_checkpoint
+from padt.shapes.vision_pretrain import cell_class_labels, load_cell_records
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -76,8 +76,8 @@ def test_cell_pixel_targets_follow_the_cell_order():
 
     from PIL import Image
 
-    from padt.tiny import build_tiny_processor, build_tiny_tokenizer
-    from padt.vision_pretrain import cell_pixel_targets
+    from padt.testing.tokenizer import build_tiny_processor, build_tiny_tokenizer
+    from padt.shapes.vision_pretrain import cell_pixel_targets
 
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     image = np.zeros((56, 56, 3), np.uint8)
@@ -98,7 +98,7 @@ def test_cell_pixel_targets_follow_the_cell_order():
 
 
 def test_cell_positions_are_row_major_centres_per_image():
-    from padt.vision_pretrain import cell_positions
+    from padt.shapes.vision_pretrain import cell_positions
 
     grid = torch.tensor([[1, 4, 6], [1, 2, 2]])  # 2 x 3 cells, then 1 x 1 cell (merge 2)
     pos = cell_positions(grid, 2)
@@ -168,7 +168,7 @@ def test_pretraining_resumes_and_saves_a_padt_model(pretrained):
 def test_pretrained_features_keep_their_starting_scale(pretrained):
     from padt import PaDTForConditionalGeneration
     from padt.processing import load_processor
-    from padt.vision_pretrain import CellClassDataset, cell_feature_rms, collate_cells
+    from padt.shapes.vision_pretrain import CellClassDataset, cell_feature_rms, collate_cells
 
     root, report = pretrained["root"], pretrained["second"]
     assert report["cell_feature_rms_trained"] > 3 * report["cell_feature_rms_before"]  # what the rescale undoes
@@ -186,7 +186,7 @@ def test_script_rejects_folders_without_manifest(tmp_path, capsys):
 
 
 def test_load_coco_cell_records_labels_objects_by_their_attributes(tmp_path):
-    from padt.vision_pretrain import load_coco_cell_records
+    from padt.shapes.vision_pretrain import load_coco_cell_records
 
     rle = _obj(np.ones((4, 4), np.uint8), "x")["rle"]
     coco = {
@@ -212,7 +212,7 @@ def test_load_coco_cell_records_labels_objects_by_their_attributes(tmp_path):
 
 
 def test_script_colour_kind_classes_come_from_the_coco_attributes(pretrained, monkeypatch, tmp_path):
-    import padt.vision_pretrain as vp
+    import padt.shapes.vision_pretrain as vp
 
     seen = {}
 

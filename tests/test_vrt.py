@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from padt.vrt import (
+from padt.processing.vrt import (
     VRTCodec,
     image_sample_idx_from_counts,
     local_to_global_cells,

@@ -1,4 +1,4 @@
-"""padt.vrt_generation: distinct VRTs within an object's run, unit and end to end on the shipped shapes model."""
+"""padt.processing.generation: distinct VRTs within an object's run, unit and end to end on the shipped shapes model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from padt.vrt_generation import DistinctVRTLogitsProcessor
+from padt.processing.generation import DistinctVRTLogitsProcessor
 
 SHIPPED = Path(__file__).resolve().parent.parent / "padt" / "assets" / "tiny_default"
 
@@ -37,7 +37,7 @@ def test_vrt_ids_beyond_the_scores_are_ignored_and_bad_base_is_named():
 def test_shipped_model_answers_with_distinct_vrts_per_object():
     """Greedy decoding of the shipped shapes model repeats cells (68 % of its REC answers); with the processor every
     object's VRTs are distinct."""
-    from padt.predictor import PaDTPredictor
+    from padt.inference.predictor import PaDTPredictor
     from padt.preprocess.templates import rec_prompt
 
     predictor = PaDTPredictor.from_pretrained(SHIPPED, device="cpu", max_new_tokens=48)

@@ -1,6 +1,6 @@
 """Training data: JSONL records (local or dataset hub, mixed), VRT sampling, the dataset and the batch collator.
 
-See `padt.data.collator` for the batch format shared with `padt.training_step.compute_padt_loss`.
+See `padt.data.collator` for the batch format shared with `padt.train.step.compute_padt_loss`.
 """
 
 from padt.data.cells import GridGeometry, box_centre_cell, derive_cells, gt_mask_at_patch_grid, upscale_tiny_image

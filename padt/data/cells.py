@@ -3,7 +3,7 @@
 The released JSONL stores each object's ``patches`` on the rounded 28-px grid of the original image (spec 8). We never
 trust that grid: every object's cells are derived again from its mask (``rle``) or, without a mask, from its box, at
 the grid the processor actually produces for the image (`GridGeometry.grid`, transformers' ``smart_resize``), with the
-foreground rule of the record's task (`padt.masks.FOREGROUND_RULES`). When the image is within min/max pixels the
+foreground rule of the record's task (`padt.geometry.masks.FOREGROUND_RULES`). When the image is within min/max pixels the
 two grids agree and so do the cells (tested).
 
 **Objects without a foreground cell at the actual grid** (a thin or tiny object on a coarser grid) cannot simply be
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from padt.masks import ForegroundRule, box_mask, foreground_cells, merged_grid_for_image, rle_decode
+from padt.geometry.masks import ForegroundRule, box_mask, foreground_cells, merged_grid_for_image, rle_decode
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def box_centre_cell(box_xyxy: Sequence[float], grid_h: int, grid_w: int) -> int:
 
 def object_mask(obj: dict, height: int, width: int) -> np.ndarray:
     """Full-resolution (H, W) uint8 mask of an object: its ``rle`` decoded, else its box (normalised xyxy) filled
-    (`padt.masks.box_mask`, as preprocessing does for objects without segmentation).
+    (`padt.geometry.masks.box_mask`, as preprocessing does for objects without segmentation).
 
     Raises ValueError when the RLE size is not the image size (the mask would not describe this image).
     """
@@ -133,7 +133,7 @@ def derive_cells(
     """Foreground cells of one object at the merged grid ``grid_hw`` of an image of original size (H, W).
 
     The mask (`object_mask`) is resized to ``grid * cell_size`` (= the processor's resized image) and thresholded by
-    ``rule`` (`padt.masks.foreground_cells`). Returns ``(cells, used_fallback)``: sorted row-major cell indices, or
+    ``rule`` (`padt.geometry.masks.foreground_cells`). Returns ``(cells, used_fallback)``: sorted row-major cell indices, or
     ``([box_centre_cell], True)`` when no cell passes the rule.
     """
     mask = object_mask(obj, height, width)

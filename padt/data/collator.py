@@ -37,7 +37,7 @@ from padt.data.sampling import (
     sample_object_vrts,
     sample_rng,
 )
-from padt.vrt import local_to_global_cells
+from padt.processing.vrt import local_to_global_cells
 
 
 def robust_cell_mask(objects: Sequence[Sequence[Mapping[str, Any]]], num_cells: int) -> torch.Tensor:
@@ -65,7 +65,7 @@ class PaDTCollator:
     """Build training batches from `padt.data.PaDTDataset` items.
 
     Args:
-        processor (`padt.processing.PaDTProcessor`): chat template, images, VRT-aware text encoding, V.
+        processor (`padt.processing.processor.PaDTProcessor`): chat template, images, VRT-aware text encoding, V.
         num_vrt: VRTs per object: an int, or ``"all"`` / -1 for all foreground cells (an ablation).
         seed: VRT sampling seed; with `set_epoch`, a sample's picks depend only on (seed, epoch, dataset index).
         robust: build the robust-CE mask (False: all-False mask, the "no robust CE" ablation).
@@ -81,7 +81,7 @@ class PaDTCollator:
                  max_length: int | None = None, mask_upscale: int = 4):
         for attr in ("encode", "codec", "vrt_base_id", "tokenizer"):
             if not hasattr(processor, attr):
-                raise TypeError(f"processor must be a padt.processing.PaDTProcessor (missing {attr!r}), "
+                raise TypeError(f"processor must be a padt.processing.processor.PaDTProcessor (missing {attr!r}), "
                                 f"got {type(processor).__name__}")
         self.processor = processor
         self.num_vrt = check_num_vrt(num_vrt)

@@ -26,8 +26,8 @@ import torch
 
 from padt.data.cells import GridGeometry, derive_cells, upscale_tiny_image
 from padt.data.records import DataSource, HubRecords, JsonlRecords, load_sources, open_records
-from padt.masks import FOREGROUND_RULES, ForegroundRule
-from padt.processing import load_image
+from padt.geometry.masks import FOREGROUND_RULES, ForegroundRule
+from padt.processing.processor import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class PaDTDataset(torch.utils.data.Dataset):
         geometry: the processor's `GridGeometry`, or a processor / image processor to read it from. Cells are
             derived at the grid this geometry gives for each image, so it must be the collator's processor.
         image_folders: ":"-separated image folders for the ":" form of ``sources``.
-        foreground_rules: rule per record ``task`` (default `padt.masks.FOREGROUND_RULES`); an unknown task raises.
+        foreground_rules: rule per record ``task`` (default `padt.geometry.masks.FOREGROUND_RULES`); an unknown task raises.
         upscale_tiny: upscale images with a side under one cell (the authors do).
         check_images: check at construction that every image file exists (default: checked when read).
     """

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from padt.data.sampling import OBJ_PLACEHOLDER, placeholder_ids
-from padt.vrt import VRT_TOKEN_PATTERN
+from padt.processing.vrt import VRT_TOKEN_PATTERN
 
 logger = logging.getLogger(__name__)
 

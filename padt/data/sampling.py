@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from padt.vrt import pid2vrt
+from padt.processing.vrt import pid2vrt
 
 OBJ_PLACEHOLDER = "<|Obj_"
 OBJ_PATTERN = re.compile(r"<\|Obj_(\d+)\|>")

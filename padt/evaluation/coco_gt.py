@@ -11,7 +11,7 @@ Ground truth, in order of preference:
 
 Detections: one per predicted object, ``category_id`` from the lower-cased label (objects with a label that is not
 a category are counted and reported, not silently dropped), bbox in the authors' convention
-(`padt.metrics.boxes.authors_box_xywh`), ``score``, and ``segmentation`` = the predicted mask's RLE.
+(`padt.evaluation.metrics.boxes.authors_box_xywh`), ``score``, and ``segmentation`` = the predicted mask's RLE.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from padt.evaluation.data import EvalSample, image_wh
-from padt.metrics.boxes import authors_box_xywh
+from padt.evaluation.metrics.boxes import authors_box_xywh
 from padt.preprocess.templates import OVD_PROMPT_PREFIX
 
 

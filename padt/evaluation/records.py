@@ -24,8 +24,8 @@ _RANK_FILE_RE = re.compile(r"^predictions\.rank(\d+)\.jsonl$")
 
 
 def prediction_record(sample: EvalSample, pred) -> dict:
-    """JSON-ready record of one `padt.predictor.Prediction` (duck-typed: text, objects, image_size)."""
-    from padt.masks import rle_encode
+    """JSON-ready record of one `padt.inference.predictor.Prediction` (duck-typed: text, objects, image_size)."""
+    from padt.geometry.masks import rle_encode
 
     return {
         "index": sample.index,

@@ -22,12 +22,12 @@ import numpy as np
 
 from padt.evaluation.coco_gt import categories_from_samples, detections, gt_from_records, load_official
 from padt.evaluation.data import EvalSample, image_wh, referred_object
-from padt.metrics.boxes import authors_box_xywh, normalized_xyxy_to_pixels, xywh_to_xyxy
-from padt.metrics.caption import DEFAULT_METRICS, caption_scores, strip_object_refs
-from padt.metrics.coco import coco_map
-from padt.metrics.grounding import GroundingCounts
-from padt.metrics.rec import accuracy_at, best_iou_per_key, top1_box_ious
-from padt.metrics.res import ciou, giou, mask_intersection_union, mask_iou
+from padt.evaluation.metrics.boxes import authors_box_xywh, normalized_xyxy_to_pixels, xywh_to_xyxy
+from padt.evaluation.metrics.caption import DEFAULT_METRICS, caption_scores, strip_object_refs
+from padt.evaluation.metrics.coco import coco_map
+from padt.evaluation.metrics.grounding import GroundingCounts
+from padt.evaluation.metrics.rec import accuracy_at, best_iou_per_key, top1_box_ious
+from padt.evaluation.metrics.res import ciou, giou, mask_intersection_union, mask_iou
 
 PROTOCOLS = ("standard", "paper")
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 
-from padt.masks import FOREGROUND_RULES, ForegroundRule
+from padt.geometry.masks import FOREGROUND_RULES, ForegroundRule
 from padt.preprocess.common import GRID_MODES, GridSpec, write_jsonl
 from padt.preprocess.skips import SkipReport
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from padt.masks import ForegroundRule
+from padt.geometry.masks import ForegroundRule
 from padt.preprocess.common import GridSpec, Skip, image_size, load_json
 from padt.preprocess.objects import object_from_annotation
 from padt.preprocess.skips import SkipReport

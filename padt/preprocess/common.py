@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from padt.masks import merged_grid_for_image, rounded_grid
+from padt.geometry.masks import merged_grid_for_image, rounded_grid
 
 GRID_MODES = ("round", "processor")
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-from padt.masks import ForegroundRule
+from padt.geometry.masks import ForegroundRule
 from padt.preprocess.common import GridSpec, Skip, image_size, iter_jsonl
 from padt.preprocess.objects import object_from_geometry
 from padt.preprocess.refcoco import referring_record

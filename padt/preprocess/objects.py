@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from padt.masks import (
+from padt.geometry.masks import (
     ForegroundRule,
     box_mask,
     clean_polygons,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-from padt.masks import ForegroundRule
+from padt.geometry.masks import ForegroundRule
 from padt.preprocess.common import GridSpec, Skip, image_size
 from padt.preprocess.objects import object_from_annotation
 from padt.preprocess.refer import ReferDataset

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from padt.masks import ForegroundRule
+from padt.geometry.masks import ForegroundRule
 from padt.preprocess.coco import CocoIndex
 from padt.preprocess.common import GridSpec, Skip, image_size
 from padt.preprocess.objects import object_from_annotation

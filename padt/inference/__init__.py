@@ -1,0 +1,1 @@
+"""Inference for people: one call from image + prompt to objects (`PaDTPredictor`), pictures, and the Gradio demo."""

@@ -1,0 +1,170 @@
+"""One call from image + prompt to text + objects (label, box, mask, score, VRT cells): `PaDTPredictor`.
+
+    predictor = PaDTPredictor.from_pretrained("PaDT-MLLM/PaDT_Pro_3B")      # or a local directory
+    [pred] = predictor.predict(Image.open("cat.jpg"), 'Please carefully check the image and detect ...')
+    pred.text, pred.objects[0].box_xyxy, pred.objects[0].mask, pred.objects[0].score
+
+Like SAM's `SamPredictor`, it keeps image I/O and coordinate conversions out of the `nn.Module`s.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import LogitsProcessorList
+
+from padt.model.modeling import PaDTForConditionalGeneration
+from padt.processing.parsing import gather_object_features
+from padt.processing.processor import PaDTProcessor, load_image
+from padt.processing.generation import DistinctVRTLogitsProcessor
+
+
+@dataclass
+class PredictedObject:
+    """One decoded object.
+
+    Attributes:
+        label: the object's label in the completion ("" when the text gives none, e.g. captions).
+        vrt_ids: VRT cells (local to the sample's image, row-major over its merged grid).
+        box_xyxy: `(4,)` box in pixels of the original image, clipped to it.
+        box_cxcywh: `(4,)` the decoder's normalised (cx, cy, w, h) in [0, 1].
+        score: sigmoid of the score logit (an IoU-quality estimate).
+        mask: `(H, W)` bool mask at the original image size, or None when the mask head is off.
+    """
+
+    label: str
+    vrt_ids: list[int]
+    box_xyxy: list[float]
+    box_cxcywh: list[float]
+    score: float
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class Prediction:
+    """The completion of one (image, prompt) pair and its objects."""
+
+    text: str
+    objects: list[PredictedObject] = field(default_factory=list)
+    image_size: tuple[int, int] = (0, 0)  # (width, height) of the original image
+    grid_thw: tuple[int, int, int] | None = None  # processor's patch grid of the image
+
+
+def cxcywh_to_xyxy_pixels(box: torch.Tensor, width: int, height: int) -> list[float]:
+    """Normalised (cx, cy, w, h) -> pixel (x1, y1, x2, y2) clipped to the image."""
+    cx, cy, w, h = box.tolist()
+    x1, y1 = max(cx - w / 2, 0.0) * width, max(cy - h / 2, 0.0) * height
+    x2, y2 = min(cx + w / 2, 1.0) * width, min(cy + h / 2, 1.0) * height
+    return [x1, y1, x2, y2]
+
+
+def mask_to_image(mask_logits: torch.Tensor, valid_hw: tuple[int, int], upscale: int, size: tuple[int, int]) -> np.ndarray:
+    """Crop padded mask logits to the image's valid region, resize bilinearly to (H, W) and threshold (spec 10.1).
+
+    Args:
+        mask_logits (`torch.Tensor` of shape `(4*Hmax, 4*Wmax)`); valid_hw: the image's 14-px grid (h, w);
+        upscale: mask pixels per patch side (4); size: (width, height) of the original image.
+    """
+    h, w = valid_hw
+    crop = mask_logits[: upscale * h, : upscale * w].float()[None, None]
+    full = F.interpolate(crop, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0]
+    return (full.sigmoid() > 0.5).cpu().numpy()
+
+
+class PaDTPredictor:
+    """Batched inference: prompts -> generate -> parse VRT runs -> `vl_decode` -> boxes/masks in image pixels."""
+
+    def __init__(
+        self,
+        model: PaDTForConditionalGeneration,
+        processor: PaDTProcessor,
+        max_new_tokens: int = 256,
+        distinct_vrts: bool = False,
+    ):
+        """`distinct_vrts`: forbid repeating a VRT within one object's run (`padt.processing.generation`; off = authors')."""
+        self.model = model.eval()
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.distinct_vrts = distinct_vrts
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> PaDTPredictor:
+        """Load model and processor from one directory (or hub id). Default device: cuda if available, else cpu;
+        default dtype: bfloat16 on cuda, float32 on cpu."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = PaDTForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        processor = PaDTProcessor.from_pretrained(path, vrt_base_id=model.config.vrt_base_id)
+        return cls(model, processor, **kwargs)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Image.Image | str | os.PathLike | list,
+        prompts: str | list[str],
+        max_new_tokens: int | None = None,
+        **generate_kwargs,
+    ) -> list[Prediction]:
+        """Run one prompt per image (lists are batched with left padding). Returns one `Prediction` per pair."""
+        single = not isinstance(prompts, list)
+        prompts = [prompts] if single else prompts
+        images = [images] if not isinstance(images, list) else images
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")
+        pil = [load_image(im) for im in images]
+        inputs = self.processor(images=pil, prompts=prompts).to(self.model.device)
+        if self.distinct_vrts:
+            processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+            processors.append(DistinctVRTLogitsProcessor(self.model.config.vrt_base_id))
+            generate_kwargs["logits_processor"] = processors
+        out = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            do_sample=generate_kwargs.pop("do_sample", False),
+            return_dict_in_generate=True,
+            **generate_kwargs,
+        )
+        prompt_len = inputs["input_ids"].shape[1]
+        grid = inputs["image_grid_thw"]
+        local = self.processor.codec.to_local(out.sequences[:, prompt_len:], grid)
+        objects = [self.processor.parse(row, num_cells=int(self.processor.codec.num_cells(grid[b:b + 1]).sum()))
+                   for b, row in enumerate(local.tolist())]
+        preds = [
+            Prediction(text=self.processor.decode(row, skip_special_tokens=False), image_size=im.size,
+                       grid_thw=tuple(grid[b].tolist()))
+            for b, (row, im) in enumerate(zip(local.tolist(), pil))
+        ]
+        if not any(objects):
+            return preds
+        feats, lengths, _ = gather_object_features(out.vrt_hidden_states, objects)
+        per_object = list(feats.split(lengths))
+        nested, i = [], 0
+        for objs in objects:
+            nested.append(per_object[i:i + len(objs)])
+            i += len(objs)
+        decoded = self.model.vl_decode(nested, out.past_image_embeds, out.past_high_res_image_embeds, grid,
+                                       out.past_visual_pe)
+        hs, ws = decoded["pred_mask_valid_hw"]
+        upscale = self.model.vl_decoder.mask_upscale
+        k = 0
+        for b, objs in enumerate(objects):
+            width, height = pil[b].size
+            for obj in objs:
+                box = decoded["pred_boxes"][k].float().cpu()
+                mask = None
+                if decoded.get("pred_mask") is not None and decoded["pred_mask"].numel():
+                    mask = mask_to_image(decoded["pred_mask"][k], (int(hs[k]), int(ws[k])), upscale, (width, height))
+                preds[b].objects.append(PredictedObject(
+                    label=obj.label, vrt_ids=list(obj.vrt_ids), box_xyxy=cxcywh_to_xyxy_pixels(box, width, height),
+                    box_cxcywh=box.tolist(), score=float(decoded["pred_score"][k].float().sigmoid()), mask=mask,
+                ))
+                k += 1
+        return preds

@@ -1,0 +1,89 @@
+"""PaDT supervised fine-tuning: `python -m padt.train [--config file.yaml] [--flag value ...]`.
+
+Launch with torchrun or accelerate for several processes (see `run_scripts/padt_*_sft.sh` and `docs/training.md`):
+
+    torchrun --nproc_per_node 8 -m padt.train --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct \
+        --data_config configs/data/pro.yaml --output_dir outputs/padt_pro_3b --num_train_epochs 4 \
+        --per_device_train_batch_size 16 --deepspeed configs/deepspeed/zero3.json
+
+A run whose output directory already holds `checkpoint-*` folders resumes from the last one (`--resume_from_checkpoint
+PATH` picks one, `--resume_from_checkpoint false` starts over). Arguments: `python -m padt.train --help`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from padt.train.arguments import PaDTTrainingArguments, parse_train_args
+
+logger = logging.getLogger("padt.train.run")
+
+_NO = ("", "false", "no", "none", "0")
+_YES = ("true", "yes", "auto", "1")
+
+
+def resolve_resume(args: PaDTTrainingArguments) -> str | None:
+    """Checkpoint to resume from: an explicit path; `true`/unset = the last `checkpoint-*` in `output_dir` if any
+    (`true` with none starts fresh, as the authors' `--resume_from_checkpoint true` does); `false` = none."""
+    value = args.resume_from_checkpoint
+    text = "" if value is None else str(value).strip()
+    if text.lower() in _NO and value is not None:
+        return None
+    if value is None or text.lower() in _YES:
+        return get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if not os.path.isdir(text):
+        raise ValueError(f"--resume_from_checkpoint {text}: no such checkpoint folder")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    from padt.train.setup import (
+        build_train_data,
+        load_model,
+        load_padt_processor,
+        lora_scale,
+        merge_lora_checkpoint,
+        prepare_model_for_training,
+    )
+    from padt.train.trainer import PaDTTrainer
+
+    script_args, args = parse_train_args(argv)
+    script_args.check_complete()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if args.should_log else logging.WARNING)
+    set_seed(args.seed)  # the new PaDT modules of a base model are initialised from it
+
+    ################ model and processor
+    model = load_model(script_args, args)
+    processor = load_padt_processor(script_args, model.config.vrt_base_id)
+    counts = prepare_model_for_training(model, args)
+    logger.info("trainable parameters: %s of %s", f"{counts['trainable']:,}", f"{counts['total']:,}")
+
+    ################ data
+    dataset, collator = build_train_data(script_args, args, processor, model.vl_decoder.mask_upscale)
+    logger.info("%r", dataset)
+
+    ################ training
+    trainer = PaDTTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset,
+                          processing_class=processor)
+    resume = resolve_resume(args)
+    if resume:
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+    trainer.save_model(args.output_dir)
+    if args.use_lora and trainer.is_world_process_zero():
+        merged = merge_lora_checkpoint(args.output_dir, lora_scale(args))
+        logger.info("merged %d LoRA layers into %s", merged, args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+    report = dataset.fallback_report()
+    if any(r["fallback"] for r in report.values()):
+        logger.warning("objects without a foreground cell at the processor grid (box-centre cell used): %s", report)
+
+
+if __name__ == "__main__":
+    main()
