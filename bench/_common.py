@@ -7,6 +7,8 @@
 * `summarize` / `paired_ratios`: medians with 25th/75th percentiles.
 * `allocated_bytes`: bytes requested from PyTorch's CPU allocator (torch profiler with `profile_memory=True`), split at
   a wall-clock instant so that one profiled call can be cut into phases (e.g. prefill / decode).
+* `WORKLOAD` + `add_workload_args`: the benchmark workload beside this file (`bench/workload/README.md`), every
+  script's default.
 * `run_fresh` + `vm_hwm_bytes`: peak RSS of one fresh subprocess (the child reports its own `VmHWM`; `ru_maxrss`
   from `os.wait4` is kept for reference but inherits the forking parent's high-water mark).
 """
@@ -24,9 +26,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# the benchmark workload (config.json, processor/, completions.jsonl), wherever the scripts are run from
+WORKLOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workload")
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")
 JEMALLOC_CONF = "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 _REEXEC_MARK = "PADT_BENCH_REEXEC"
+
+
+def add_workload_args(parser: Any) -> None:
+    """`--config` and `--processor` (an `argparse.ArgumentParser`'s), defaulting to the workload beside this file."""
+    parser.add_argument("--config", default=WORKLOAD,
+                        help="folder with the bench config.json (default: bench/workload)")
+    parser.add_argument("--processor", default=os.path.join(WORKLOAD, "processor"),
+                        help="folder with tokenizer + image config (default: bench/workload/processor)")
 
 
 # ============================================================================ allocator

@@ -1,6 +1,6 @@
 """PaDT vs vanilla Qwen2.5-VL inference cost, measured side by side (bench/README.md).
 
-Workload (the authors' anchors, /work/shared/bench/README.md): the bench config with random weights from a fixed seed,
+Workload (the authors' anchors, bench/workload/README.md): the bench config with random weights from a fixed seed,
 vanilla Qwen2.5-VL with the *same* base weights (state dict copied from the PaDT model), a 448x448 image (256 VRT
 prototypes), a REC prompt of 304 tokens, greedy decoding of exactly 32 new tokens, batch 1, fp32, sdpa, 2 threads.
 
@@ -10,7 +10,7 @@ process in rotating order after a warm-up, under jemalloc (the script re-execs i
 report medians of paired ratios with 25th/75th percentiles. Before timing, it checks that both run the same LLM: the
 PaDT model's text-token logits equal vanilla's (prototype columns left out).
 
-    python bench/bench_inference.py --config /work/shared/bench --processor /work/shared/bench/processor --out r.json
+    python bench/bench_inference.py --out r.json
 """
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ FILLER_WORDS = (  # words appended one by one to the referring expression until 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="/work/shared/bench", help="folder with the bench config.json")
-    p.add_argument("--processor", default="/work/shared/bench/processor", help="folder with tokenizer + image config")
+    common.add_workload_args(p)
     p.add_argument("--reps", type=int, default=300, help="accepted interleaved rounds wanted (after --warmup)")
     p.add_argument("--max-foreign-cores", type=float, default=0.2,
                    help="reject a round when other processes kept more cores busy than this (negative: keep all)")

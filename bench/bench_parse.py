@@ -4,7 +4,8 @@
 Checks first that our parser recovers every object (label and VRT ids) listed in ``completions.jsonl``, then times,
 interleaved in one process after a warm-up, completions per second at batch 1 and batch 16 for:
 
-- ``authors``: spec 6.2's method: decode every completion token separately with a tokenizer that holds the
+- ``authors``: the method of the authors' ``parseVRTintoCompletion`` (``src/PaDT/models/padt_processor.py``;
+  docs/method.md#parsing-completions): decode every completion token separately with a tokenizer that holds the
   `<|empty_token_*|>`/`<|VRT_*|>` strings (as the authors' ``prepare``/``set_image_grid_thw`` build it), string
   matching per token, hidden-state rows from the generation layout ``hidden_states[t][-1][b]``, the per-sample
   ``try/except``; with prototypes: re-tokenise each VRT string and gather rows with the ``// 4`` offset.
@@ -17,6 +18,7 @@ Both variants are timed as the authors' demo calls the parser (no prototypes) an
 The authors measured 1889 completions/s at batch 1 and 1022/s at batch 16 on this kind of machine.
 
 Usage:  python bench/bench_parse.py [--processor DIR] [--completions FILE] [--config FILE] [--repeats 7]
+(defaults: the workload in bench/workload/, see its README.md)
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from padt.processing.parsing import gather_object_features, gather_object_prototypes, parseVRTintoCompletion
+from padt.legacy import parseVRTintoCompletion
 from padt.processing import PaDTProcessor, load_processor
+from padt.processing.features import gather_object_features, gather_object_prototypes
 
 AUTHORS_MEASURED = {1: 1889.0, 16: 1022.0}
 
 
-# ----------------------------------------------------------------------------- the authors' method (spec 6.2)
+# ---------------------------------- the authors' method (`parseVRTintoCompletion`, src/PaDT/models/padt_processor.py)
 def authors_tokenizer(processor_dir: str, vrt_base_id: int, num_vrt: int):
     """Tokenizer as the authors' wrapper leaves it: empty tokens up to V, then `<|VRT_0..n-1|>` from id V."""
     tok = AutoTokenizer.from_pretrained(processor_dir)
@@ -51,7 +54,8 @@ def authors_tokenizer(processor_dir: str, vrt_base_id: int, num_vrt: int):
 
 def authors_parse(tokenizer, vrt_base_id, completion_ids, hidden_states, need_thinking_mask=None,
                   image_prototype=None, image_grid_thw=None, eos="<|im_end|>"):
-    """Re-implementation of the authors' per-token string parser (spec 6.2), for timing and reference."""
+    """Re-implementation of the authors' per-token string parser (`parseVRTintoCompletion`), for timing and
+    reference."""
     B = completion_ids.shape[0]
     need = [True] * B if need_thinking_mask is None else [bool(x) for x in need_thinking_mask]
     completions, feats, labels, vrts, vrts_feats = [], [], [], [], []
@@ -132,7 +136,7 @@ def make_batches(rows, batch_size, pad_id, hidden_size, num_layers, side, merge,
 
 
 def main() -> None:
-    here = "/work/shared/bench"
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workload")  # wherever the script is run from
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--processor", default=os.path.join(here, "processor"))
     ap.add_argument("--completions", default=os.path.join(here, "completions.jsonl"))
@@ -179,7 +183,8 @@ def main() -> None:
         _, _, labels, vrts, _ = authors_parse(atok, V, batch["ids"], batch["gen_hs"], [False] * len(batch["ids"]))
         _, _, labels2, vrts2, _ = parseVRTintoCompletion(proc, batch["ids"], batch["gen_hs"])
         ref_mismatch += sum(a != b for a, b in zip(labels, labels2)) + sum(a != b for a, b in zip(vrts, vrts2))
-    print(f"authors' re-implementation vs our parseVRTintoCompletion (labels, VRT strings): {ref_mismatch} differences")
+    print(f"authors' re-implementation vs our parseVRTintoCompletion (labels, VRT strings): "
+          f"{ref_mismatch} differences")
 
     def run_authors(batches, protos):
         for bt in batches:

@@ -1,4 +1,4 @@
-"""PaDT vs vanilla Qwen2.5-VL SFT training step, measured side by side (bench/README.md, /work/shared/bench/README.md).
+"""PaDT vs vanilla Qwen2.5-VL SFT training step, measured side by side (bench/README.md, bench/workload/README.md).
 
 Workload (the authors' anchor): the bench config with random weights from a fixed seed (vanilla gets the PaDT model's
 base weights), 4 samples of one 448x448 image (256 merged cells) with 2 masked objects each (5 VRTs per object),
@@ -17,7 +17,7 @@ round); peak RSS of each variant in its own fresh process (the authors' memory f
 bytes in one step (torch profiler, deterministic). Timings interleave the three in one process in rotating order after
 a warm-up, under jemalloc (re-exec when installed), and report medians of paired ratios with 25th/75th percentiles.
 
-    python bench/bench_train_step.py --config /work/shared/bench --processor /work/shared/bench/processor --out r.json
+    python bench/bench_train_step.py --out r.json
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ METRICS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="/work/shared/bench", help="folder with the bench config.json")
-    p.add_argument("--processor", default="/work/shared/bench/processor", help="folder with tokenizer + image config")
+    common.add_workload_args(p)
     p.add_argument("--reps", type=int, default=20, help="interleaved rounds (after --warmup)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -118,7 +117,7 @@ def build_batches(config_dir: str, processor_dir: str, samples: int, image_size:
 
 def make_steps(padt_model: Any, vanilla_model: Any, padt_batch: dict, vanilla_inputs: dict) -> dict[str, Any]:
     """Callables running one untimed-setup step each; they return the step's loss (a float)."""
-    from padt.train.losses import PaDTCriterion
+    from padt.train.criterion import PaDTCriterion
     from padt.train.step import compute_padt_loss
 
     criterion = PaDTCriterion()

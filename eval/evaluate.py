@@ -23,10 +23,10 @@ from pathlib import Path
 
 from padt.evaluation import distributed
 from padt.evaluation.data import TASKS
+from padt.evaluation.metrics.caption import ALL_METRICS, DEFAULT_METRICS
 from padt.evaluation.pipeline import EvalOptions, MissingPredictionsError, evaluate_split, split_name, write_summary
 from padt.evaluation.table import format_table
 from padt.evaluation.tasks import PROTOCOLS
-from padt.evaluation.metrics.caption import ALL_METRICS, DEFAULT_METRICS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8, help="samples per generate call (left padding)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--distinct-vrts", action="store_true",
-                    help="forbid repeating a VRT within one object's run while generating (padt.processing.generation; "
-                         "off = the authors' greedy decoding)")
+                    help="forbid repeating a VRT within one object's run while generating "
+                         "(padt.processing.generation; off = the authors' greedy decoding)")
     ap.add_argument("--annotations", help="ovd: official COCO annotations (else the records are the ground truth)")
     ap.add_argument("--limit", type=int, help="evaluate only the first N samples of each split")
     ap.add_argument("--caption-metrics", nargs="+", choices=ALL_METRICS, default=list(DEFAULT_METRICS),

@@ -1,5 +1,5 @@
-"""PaDT in the browser: upload an image, choose a task preset or type a prompt, see the completion, boxes, masks and VRT
-cells. Needs the `demo` extra (pip install -e .[demo]).
+"""PaDT in the browser: upload an image, choose a task preset or type a prompt, see the completion, boxes, masks and
+VRT cells. Needs the `demo` extra (pip install -e .[demo]).
 
     python eval/gradio_app.py --model PaDT-MLLM/PaDT_Pro_3B            # http://127.0.0.1:7860
     python eval/gradio_app.py                                          # the shipped tiny shapes model

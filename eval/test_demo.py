@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import UnidentifiedImageError
 
-    from padt.inference.demo import build_prompt
     from padt.geometry.masks import rle_encode
+    from padt.inference.demo import build_prompt
     from padt.inference.predictor import PaDTPredictor
-    from padt.processing import load_image
     from padt.inference.visualization import draw_boxes, draw_masks, draw_vrt_cells
+    from padt.processing import load_image
 
     try:
         image = load_image(image_path)

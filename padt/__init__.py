@@ -14,17 +14,17 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # model
-    "PaDTConfig": "padt.model.configuration",
-    "PaDTForConditionalGeneration": "padt.model.modeling",
+    "PaDTConfig": "padt.model.backbones.qwen2_5_vl",
+    "PaDTForConditionalGeneration": "padt.model.backbones.qwen2_5_vl",
     "PaDTCausalLMOutput": "padt.model.outputs",
     "PaDTGenerateOutput": "padt.model.outputs",
     "VRTImageState": "padt.model.image_state",
     "PaDTDecoder": "padt.model.decoder.decoder",
     # processing (authors' names and ours)
-    "VisonTextProcessingClass": "padt.processing",
+    "VisonTextProcessingClass": "padt.legacy",
     "PaDTProcessor": "padt.processing",
     "VRTCodec": "padt.processing.vrt",
-    "parseVRTintoCompletion": "padt.processing.parsing",
+    "parseVRTintoCompletion": "padt.legacy",
     "parse_completion": "padt.processing.parsing",
     # one-call inference
     "PaDTPredictor": "padt.inference.predictor",

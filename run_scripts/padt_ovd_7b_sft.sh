@@ -1,12 +1,6 @@
 #!/usr/bin/env bash
-# PaDT OVD (COCO train2017) SFT of Qwen2.5-VL-7B-Instruct, the authors' recipe (6 epochs).
-#   bash run_scripts/padt_ovd_7b_sft.sh --help
+# PaDT OVD (COCO train2017) SFT of Qwen2.5-VL-7B-Instruct with the authors' recipe:
+# configs/train/sft_7b.yaml on configs/data/ovd.yaml (run_scripts/_common.sh). Options: --help
 set -euo pipefail
-TASK=ovd
-SIZE=7b
-EPOCHS=6
-BASE_MODEL=Qwen/Qwen2.5-VL-7B-Instruct
-DATA_FILES_DEFAULT="PaDT-MLLM/COCO/instances_train2017.json"
-IMAGE_FOLDERS_DEFAULT="{COCO_ROOT}/train2017"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-padt_sft_main "$@"
+padt_sft_main ovd 7b "$@"

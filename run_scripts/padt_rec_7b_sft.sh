@@ -1,12 +1,6 @@
 #!/usr/bin/env bash
-# PaDT REC (RefCOCO, RefCOCO+, RefCOCOg train) SFT of Qwen2.5-VL-7B-Instruct, the authors' recipe (6 epochs).
-#   bash run_scripts/padt_rec_7b_sft.sh --help
+# PaDT REC (RefCOCO, RefCOCO+, RefCOCOg train) SFT of Qwen2.5-VL-7B-Instruct with the authors' recipe:
+# configs/train/sft_7b.yaml on configs/data/rec.yaml (run_scripts/_common.sh). Options: --help
 set -euo pipefail
-TASK=rec
-SIZE=7b
-EPOCHS=6
-BASE_MODEL=Qwen/Qwen2.5-VL-7B-Instruct
-DATA_FILES_DEFAULT="PaDT-MLLM/RefCOCO/refcoco_train.json:PaDT-MLLM/RefCOCO/refcoco+_train.json:PaDT-MLLM/RefCOCO/refcocog_train.json"
-IMAGE_FOLDERS_DEFAULT="{COCO_ROOT}/train2014:{COCO_ROOT}/train2014:{COCO_ROOT}/train2014"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-padt_sft_main "$@"
+padt_sft_main rec 7b "$@"

@@ -1,12 +1,6 @@
 #!/usr/bin/env bash
-# PaDT RIC (referring image captioning, COCO train2017) SFT of Qwen2.5-VL-3B-Instruct, the authors' recipe (4 epochs).
-#   bash run_scripts/padt_ric_3b_sft.sh --help
+# PaDT RIC (referring image captioning, COCO train2017) SFT of Qwen2.5-VL-3B-Instruct with the authors' recipe:
+# configs/train/sft_3b.yaml on configs/data/ric.yaml (run_scripts/_common.sh). Options: --help
 set -euo pipefail
-TASK=ric
-SIZE=3b
-EPOCHS=4
-BASE_MODEL=Qwen/Qwen2.5-VL-3B-Instruct
-DATA_FILES_DEFAULT="PaDT-MLLM/ReferringImageCaptioning/ric_instances_train2017.json"
-IMAGE_FOLDERS_DEFAULT="{COCO_ROOT}/train2017"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-padt_sft_main "$@"
+padt_sft_main ric 3b "$@"

@@ -1,6 +1,6 @@
 """Write a tiny random PaDT model + processor and a small generated training set (released JSONL format).
 
-    python src/make_tiny_sft_data.py --out /tmp/padt_tiny        # -> /tmp/padt_tiny/{model,data/train.jsonl,data/images}
+    python src/make_tiny_sft_data.py --out outputs/padt_tiny    # -> OUT/model, OUT/data/train.jsonl, OUT/data/images
 
 See `padt.testing.sft_data` (what the images and records hold) and `run_scripts/padt_tiny_cpu_sft.sh` (trains on it).
 """

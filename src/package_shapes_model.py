@@ -1,5 +1,5 @@
-"""Package a trained shapes model as the shipped default (`padt/assets/tiny_default`): weights, processor files, a sample
-scene, the training data's options and seed, and a model card with the evaluation figures.
+"""Package a trained shapes model as the shipped default (`padt/assets/tiny_default`): weights, processor files, a
+sample scene, the training data's options and seed, and a model card with the evaluation figures.
 
     python src/package_shapes_model.py --run OUT/run --data OUT/data --eval OUT/eval \
         --vision-pretrain OUT/init_vision/vision_pretrain.json --out padt/assets/tiny_default
@@ -28,14 +28,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="trained model folder (padt.train --output_dir)")
     ap.add_argument("--data", required=True, nargs="+",
-                    help="the shapes data folder(s) it was trained on (each has manifest.json); the first gives the sample")
+                    help="the shapes data folder(s) it was trained on (each has manifest.json); the first gives the "
+                         "sample")
     ap.add_argument("--eval", default=None, help="eval/evaluate.py --out folder of the model (metrics for the card)")
     ap.add_argument("--out", required=True, help="destination folder (its model files are replaced)")
     ap.add_argument("--vision-pretrain", default=None,
                     help="vision_pretrain.json of the run's stage 0 (OUT/init_vision), copied next to the model")
     ap.add_argument("--continued-from", default=None,
                     help="packaged model folder the run started from; its training_log.json is prepended")
-    ap.add_argument("--sample", default="images/val_000000.png", help="image (relative to --data) shipped as sample.png")
+    ap.add_argument("--sample", default="images/val_000000.png",
+                    help="image (relative to --data) shipped as sample.png")
     args = ap.parse_args(argv)
 
     run, out = Path(args.run), Path(args.out)

@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from padt.shapes.benchmark import CELL_CLASS_SETS, cell_class_names
+from padt.shapes import CELL_CLASS_SETS, cell_class_names
 
 
 def main(argv: list[str] | None = None) -> None:

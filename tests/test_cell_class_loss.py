@@ -1,4 +1,5 @@
-"""The cell-category auxiliary loss (padt/shapes/cell_class_loss.py): targets, value, gradients and its place in training."""
+"""The cell-category auxiliary loss (padt/shapes/cell_class_loss.py): targets, value, gradients and its place in
+training (an auxiliary loss of the criterion, padt/train/auxiliary.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from padt.shapes.cell_class_loss import IGNORE, CellClasses, cell_class_loss, cell_class_targets
 from padt.testing.sft_data import COLOURS, SHAPES
 from padt.train.step import compute_padt_loss, unwrap_padt_model
+from padt.train.trainer import build_criterion
 from tests.test_trainer import build, train_args
 
 TINY_LABELS = [f"{c} {k}" for c in COLOURS for k in SHAPES]
@@ -84,21 +86,19 @@ def test_loss_without_labelled_cells_is_zero_and_connected():
 
 
 def test_class_vectors_average_each_names_token_rows_and_bad_classes_are_named():
-    classes = CellClasses(("a", "b"), ((1, 3), (2,)), 0.5)
+    classes = CellClasses(("a", "b"), ((1, 3), (2,)))
     emb = torch.arange(20.0).reshape(5, 4)
     assert torch.equal(classes.class_vectors(emb), torch.stack([(emb[1] + emb[3]) / 2, emb[2]]))
     with pytest.raises(ValueError, match="at least 2 class names"):
-        CellClasses(("a",), ((1,),), 1.0)
+        CellClasses(("a",), ((1,),))
     with pytest.raises(ValueError, match="repeat"):
-        CellClasses(("a", "a"), ((1,), (2,)), 1.0)
+        CellClasses(("a", "a"), ((1,), (2,)))
     with pytest.raises(ValueError, match="same tokens"):
-        CellClasses(("a", "b"), ((1,), (1,)), 1.0)
+        CellClasses(("a", "b"), ((1,), (1,)))
     with pytest.raises(ValueError, match="at least one token id"):
-        CellClasses(("a", "b"), ((1,), ()), 1.0)
-    with pytest.raises(ValueError, match="weight must be > 0"):
-        CellClasses(("a", "b"), ((1,), (2,)), 0.0)
+        CellClasses(("a", "b"), ((1,), ()))
     with pytest.raises(ValueError, match="match must be one of"):
-        CellClasses(("a", "b"), ((1,), (2,)), 1.0, "fuzzy")
+        CellClasses(("a", "b"), ((1,), (2,)), "fuzzy")
 
 
 def test_arguments_need_names_and_weight_together(tmp_path):
@@ -124,18 +124,20 @@ def test_training_loss_adds_the_weighted_term_and_teaches_the_tower(workspace, t
     names' embedding rows; a few steps on it alone raise the cells' class accuracy."""
     trainer = build(workspace, train_args(tmp_path, cell_class_loss_coef=0.5, cell_class_names=TINY_LABELS,
                                           cell_class_match="phrase"))
-    classes = trainer.cell_classes
-    assert classes is not None and classes.names == tuple(TINY_LABELS) and classes.weight == 0.5
+    (hook,) = trainer.criterion.auxiliary_losses  # built from the arguments (padt.train.auxiliary)
+    classes = hook.classes
+    assert classes is not None and classes.names == tuple(TINY_LABELS)
+    assert trainer.criterion.weight_dict["loss_cell_class"] == 0.5  # the weight is the criterion's
     assert classes.match == "phrase"
     assert all(len(ids) >= 2 for ids in classes.token_ids)  # "red square": several tokens, averaged
     model = trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
 
     torch.manual_seed(0)
-    plain, plain_logs = compute_padt_loss(model, batch, criterion=trainer.criterion, use_prototype_features=False)
+    plain, plain_logs = compute_padt_loss(model, batch, criterion=build_criterion(trainer.args),
+                                          use_prototype_features=False)
     torch.manual_seed(0)
-    total, logs = compute_padt_loss(model, batch, criterion=trainer.criterion, use_prototype_features=False,
-                                    cell_classes=classes)
+    total, logs = compute_padt_loss(model, batch, criterion=trainer.criterion, use_prototype_features=False)
     assert "loss_cell_class" not in plain_logs
     assert logs["loss_cell_class"] > 0 and 0 <= logs["cell_class_accuracy"] <= 1
     assert total.item() == pytest.approx(plain.item() + 0.5 * logs["loss_cell_class"].item(), rel=1e-5)

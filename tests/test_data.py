@@ -25,7 +25,8 @@ from padt.data import (
     sample_rng,
     split_hub_path,
 )
-from padt.geometry.masks import FOREGROUND_RULES, foreground_cells, merged_grid_for_image, rle_encode
+from padt.geometry.grids import merged_grid_for_image
+from padt.geometry.masks import FOREGROUND_RULES, foreground_cells, rle_encode
 from padt.preprocess.common import GridSpec
 from padt.preprocess.objects import object_from_geometry
 from padt.preprocess.templates import make_record

@@ -1,4 +1,6 @@
-"""PaDTDecoder + vl_decode against the authors' recorded outputs (tests/fixtures/oracle_ref) and behaviour checks."""
+"""PaDTDecoder + vl_decode against the authors' recorded outputs (tests/fixtures/oracle_ref) and behaviour checks.
+
+The layers, the attention backends and the fp32 kernels are tested in tests/test_decoder_layers.py."""
 
 from __future__ import annotations
 
@@ -11,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from padt.model.decoder.decoder import PaDTDecoder, RMSNorm, patch_positions
-from padt.model.decoder.attention import VarlenLayout, apply_rotary, varlen_attention
+from padt.model.decoder.decoder import PaDTDecoder, patch_positions
 from padt.model.decoder.vl_decode import vl_decode
 
 ORACLE = Path(__file__).parent / "fixtures" / "oracle_ref"
@@ -225,43 +226,6 @@ def test_flash_attention_backend(decoder_kwargs, decoder_state, io, monkeypatch)
     assert_close(out["pred_mask"], io["decode_synth.pred_mask"], atol=1e-4, rtol=1e-4)
 
 
-def test_backends_agree_on_variable_lengths():
-    torch.manual_seed(0)
-    lq, lk = VarlenLayout.from_lengths([3, 1, 5]), VarlenLayout.from_lengths([4, 6, 2])
-    q, k, v = torch.randn(9, 2, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
-    ref = []
-    for i in range(3):
-        qs = slice(int(lq.cu_seqlens[i]), int(lq.cu_seqlens[i + 1]))
-        ks = slice(int(lk.cu_seqlens[i]), int(lk.cu_seqlens[i + 1]))
-        att = torch.softmax(torch.einsum("qhd,khd->hqk", q[qs], k[ks]) / 8**0.5, -1)
-        ref.append(torch.einsum("hqk,khd->qhd", att, v[ks]))
-    ref = torch.cat(ref)
-    for impl in ("sdpa", "eager"):
-        torch.testing.assert_close(varlen_attention(q, k, v, lq, lk, impl), ref, atol=1e-6, rtol=1e-5)
-    x = torch.randn(9, 3)
-    assert torch.equal(lq.unpad(lq.pad(x)), x)
-    assert lq.pad(x)[1, 1:].abs().sum() == 0
-
-
-def test_rotary_is_a_rotation_of_half_pairs():
-    torch.manual_seed(0)
-    x = torch.randn(5, 2, 8)
-    angle = torch.rand(5, 4) * 6
-    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
-    out = apply_rotary(x, cos, sin)
-    z = torch.complex(x[..., :4], x[..., 4:]) * torch.polar(torch.ones_like(angle), angle)[:, None]
-    torch.testing.assert_close(out, torch.cat([z.real, z.imag], -1), atol=1e-6, rtol=1e-5)
-
-
-def test_rmsnorm_matches_torch():
-    torch.manual_seed(0)
-    norm = RMSNorm(16, eps=1e-6)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-    x = torch.randn(4, 16)
-    torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-6))
-
-
 def test_patch_positions():
     idx = torch.arange(24)  # a 4 x 6 patch grid, merge 2
     r, c = patch_positions(idx, 6, 2, "window")
@@ -331,59 +295,3 @@ def test_vl_decode_rejects_bad_inputs(decoder, io):
         vl_decode(torch.nn.Linear(2, 2), feats, **img, spatial_merge_size=m)
     with pytest.raises(TypeError, match="list"):
         vl_decode(decoder, torch.zeros(2, 3, 128), **img, spatial_merge_size=m)
-
-
-def test_equal_length_fast_path_equals_padded_path(oracle_io_for_fast_path=None):
-    """Objects with equal query and memory lengths take fused attention paths; adding an object of another length
-    forces the padded varlen path. The shared objects must decode the same either way."""
-    import torch
-    from safetensors.torch import load_file
-
-    from padt.model.modeling import PaDTForConditionalGeneration
-
-    root = "tests/fixtures/oracle_ref"
-    io = load_file(f"{root}/io.safetensors")
-    model = PaDTForConditionalGeneration.from_pretrained(f"{root}/model", dtype=torch.float32).eval()
-    pe = (io["forward.visual_pe_cos"], io["forward.visual_pe_sin"])
-    gen = torch.Generator().manual_seed(0)
-    a, b, c = (torch.randn(n, 128, generator=gen) for n in (5, 5, 3))
-    args = (io["forward.past_image_embeds"], io["forward.past_high_res_image_embeds"], io["inputs.image_grid_thw"], pe)
-    with torch.no_grad():
-        fast = model.vl_decode([[a, b], []], *args)
-        padded = model.vl_decode([[a, b], [c]], *args)
-    torch.testing.assert_close(fast["pred_boxes"], padded["pred_boxes"][:2], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(fast["pred_score"], padded["pred_score"][:2], atol=1e-5, rtol=1e-4)
-    h, w = fast["pred_mask"].shape[1:]
-    torch.testing.assert_close(fast["pred_mask"], padded["pred_mask"][:2, :h, :w], atol=1e-4, rtol=1e-4)
-
-
-def test_fast_path_gradients_equal_padded_path_gradients():
-    """The fused paths (norm weights folded into one key|query projection, pair-interleaved complex rotary, scatter
-    of un-permuted mask logits) must give the padded varlen path's gradients too, for every decoder parameter and for
-    the VRT features and high-res states."""
-    from padt.model.modeling import PaDTForConditionalGeneration
-
-    io = load_file(ORACLE / "io.safetensors")
-    model = PaDTForConditionalGeneration.from_pretrained(ORACLE / "model", dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(1)
-    a, b, c = (torch.randn(n, 128, generator=gen) for n in (5, 5, 3))
-    pe = (io["forward.visual_pe_cos"], io["forward.visual_pe_sin"])
-    grads = []
-    for objects in ([[a, b], []], [[a, b], [c]]):
-        feats = [[t.clone().requires_grad_(True) for t in group] for group in objects]
-        high = io["forward.past_high_res_image_embeds"].clone().requires_grad_(True)
-        model.zero_grad(set_to_none=True)
-        out = model.vl_decode(feats, io["forward.past_image_embeds"], high, io["inputs.image_grid_thw"], pe)
-        h, w = 16, 16  # a common crop of every object's mask
-        loss = (out["pred_boxes"][:2] * torch.arange(1.0, 5.0)).sum() + out["pred_score"][:2].sum()
-        loss = loss + (out["pred_mask"][:2, :h, :w].sigmoid() * torch.linspace(-1, 1, w)).sum()
-        loss.backward()
-        params = {k: p.grad.clone() for k, p in model.vl_decoder.named_parameters() if p.grad is not None}
-        grads.append((params, [t.grad for t in feats[0]], high.grad))
-    (fast_p, fast_f, fast_h), (pad_p, pad_f, pad_h) = grads
-    assert set(fast_p) == set(pad_p) and len(fast_p) > 50
-    for key in fast_p:
-        torch.testing.assert_close(fast_p[key], pad_p[key], atol=1e-4, rtol=1e-3, msg=lambda m, k=key: f"{k}: {m}")
-    for got, want in zip(fast_f, pad_f):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-3)
-    torch.testing.assert_close(fast_h, pad_h, atol=1e-5, rtol=1e-3)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
 
+from padt.train.criterion import PaDTCriterion
 from padt.train.losses import (
-    PaDTCriterion,
     box_losses,
     dice_loss,
     pad_gt_masks,
@@ -207,6 +207,46 @@ def test_weight_dict_keys_equal_loss_keys():
         PaDTCriterion({"loss_dice": 1.0}, use_mask_loss=False)
     with pytest.raises(ValueError, match="loss_typo"):
         PaDTCriterion({"loss_typo": 1.0})
+
+
+class _ConstantLoss:
+    """A stand-in auxiliary loss (padt.train.auxiliary.AuxiliaryLoss): a fixed value and one metric."""
+
+    name = "const"
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def __call__(self, model, batch, outputs):
+        return torch.tensor(self.value), {"const_metric": torch.tensor(0.25)}
+
+
+def test_auxiliary_losses_go_through_weight_dict():
+    aux = _ConstantLoss(2.0)
+    crit = PaDTCriterion({"loss_ce": 1.0, "loss_const": 0.5}, use_bbox_loss=False, use_score_loss=False,
+                         use_mask_loss=False, auxiliary_losses=[aux])
+    assert crit.loss_keys == ("loss_ce", "loss_const") and crit.weight_dict == {"loss_ce": 1.0, "loss_const": 0.5}
+    losses = {"loss_ce": torch.tensor(1.0), **crit.loss_auxiliary(None, {}, None)}
+    assert set(losses) == {"loss_ce", "loss_const", "const_metric"}  # the metric is logged, never weighed
+    assert crit.weighted_total(losses).item() == pytest.approx(1.0 + 0.5 * 2.0)
+    with pytest.raises(ValueError, match="loss_const"):  # computed but not run: the total refuses
+        crit.weighted_total({"loss_ce": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="loss_const"):  # a weight without the loss
+        PaDTCriterion({"loss_const": 1.0})
+    with pytest.raises(ValueError, match="repeat or name a PaDT loss"):
+        PaDTCriterion(auxiliary_losses=[aux, _ConstantLoss(1.0)])
+    assert PaDTCriterion().loss_auxiliary(None, {}, None) == {}
+
+
+def test_auxiliary_wiring_is_checked_against_the_arguments():
+    from types import SimpleNamespace
+
+    from padt.train.auxiliary import check_auxiliary_wiring
+
+    check_auxiliary_wiring(SimpleNamespace(cell_class_loss_coef=1.0), ("loss_ce", "loss_cell_class"))
+    check_auxiliary_wiring(SimpleNamespace(cell_class_loss_coef=0.0), ("loss_ce",))
+    with pytest.raises(ValueError, match="has no loss_cell_class term"):
+        check_auxiliary_wiring(SimpleNamespace(cell_class_loss_coef=1.0), ("loss_ce",))
 
 
 def test_normalisers_single_process():

@@ -1,23 +1,22 @@
-"""padt.geometry.masks: RLE round trips, grids (vs transformers' smart_resize) and the foreground-cell rule."""
+"""padt.geometry.masks: RLE round trips, boxes and the foreground-cell rule."""
 
 from fractions import Fraction
 
 import numpy as np
 import pytest
+from rle_helpers import uncompressed_rle
 
 from padt.geometry.masks import (
     FOREGROUND_RULES,
     box_mask,
     cell_coverage,
     foreground_cells,
-    merged_grid_for_image,
     normalize_box_xywh,
     polygons_to_rle,
     rle_area,
     rle_decode,
     rle_encode,
     rle_to_bbox_xywh,
-    rounded_grid,
     segmentation_to_rle,
 )
 
@@ -42,14 +41,7 @@ def test_rle_round_trip_and_text_counts():
     assert rle_area(rle) == 28 * 28 + 28
     assert rle_to_bbox_xywh(rle) == [28.0, 0.0, 56.0, 29.0]
     # uncompressed RLE (crowd style) decodes to the same mask as its compressed form
-    flat = mask.flatten(order="F")
-    runs, cur, n = [], 0, 0
-    for v in flat:
-        if v != cur:
-            runs.append(n)
-            cur, n = v, 0
-        n += 1
-    runs.append(n)
+    runs = uncompressed_rle(mask)["counts"]
     assert segmentation_to_rle({"size": [56, 84], "counts": runs}, 56, 84) == rle
 
 
@@ -114,30 +106,6 @@ def test_foreground_cells_float_threshold_and_errors():
         foreground_cells(mask, 0, 3, cell_size=CELL, threshold=0.1, inclusive=True, resize_dtype="uint8")
     with pytest.raises(ValueError, match="2-D"):
         foreground_cells(mask[None], 2, 3, cell_size=CELL, threshold=0.1, inclusive=True, resize_dtype="uint8")
-
-
-def test_merged_grid_matches_transformers_smart_resize():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    rng = np.random.default_rng(0)
-    sizes = [(56, 84), (20, 20), (182, 100), (5, 300), (4000, 3000), (1288, 966)]
-    sizes += [tuple(int(v) for v in rng.integers(8, 3000, size=2)) for _ in range(200)]
-    for min_px, max_px, patch, merge in [(3136, 12845056, 14, 2), (4 * 784, 64 * 784, 14, 2), (1024, 200000, 16, 2)]:
-        for h, w in sizes:
-            if max(h, w) / min(h, w) > 200:
-                continue
-            rh, rw = smart_resize(h, w, factor=patch * merge, min_pixels=min_px, max_pixels=max_px)
-            grid = merged_grid_for_image(h, w, patch_size=patch, merge_size=merge, min_pixels=min_px,
-                                         max_pixels=max_px)
-            assert grid == (rh // (patch * merge), rw // (patch * merge)), (h, w, min_px, max_px)
-    assert merged_grid_for_image(20, 20, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056) == (2, 2)
-    with pytest.raises(ValueError, match="aspect ratio"):
-        merged_grid_for_image(10, 3000, patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056)
-
-
-def test_rounded_grid_is_half_to_even():
-    assert rounded_grid(182, 98, cell_size=CELL) == (6, 4)  # 6.5 -> 6, 3.5 -> 4
-    assert rounded_grid(56, 84, cell_size=CELL) == (2, 3)
 
 
 def test_boxes():

@@ -9,7 +9,6 @@ import io
 import numpy as np
 import pytest
 
-from padt.geometry.masks import rle_encode
 from padt.evaluation.metrics import caption
 from padt.evaluation.metrics.boxes import authors_box_xywh, box_iou_xyxy, normalized_xyxy_to_pixels
 from padt.evaluation.metrics.caption import caption_scores, simple_ptb_tokenize, strip_object_refs
@@ -17,6 +16,7 @@ from padt.evaluation.metrics.coco import STAT_NAMES, coco_map
 from padt.evaluation.metrics.grounding import GroundingCounts, greedy_match
 from padt.evaluation.metrics.rec import accuracy_at, best_iou_per_key, top1_box_ious
 from padt.evaluation.metrics.res import ciou, giou, mask_intersection_union, mask_iou
+from padt.geometry.masks import rle_encode
 
 
 def _rect(h, w, y0, y1, x0, x1):

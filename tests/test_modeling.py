@@ -232,7 +232,7 @@ with torch.no_grad():
     before = m(**kw).logits
 import padt
 from padt import PaDTForConditionalGeneration, PaDTDecoder
-import padt.model.modeling, padt.model.decoder.decoder, padt.model.decoder.vl_decode
+import padt.model.backbones.qwen2_5_vl, padt.model.decoder.decoder, padt.model.decoder.vl_decode, padt.legacy
 after_fwd = (M.Qwen2_5_VisionTransformerPretrainedModel.forward, M.Qwen2_5_VLModel.forward,
              M.Qwen2_5_VLForConditionalGeneration.forward, M.Qwen2_5_VLForConditionalGeneration.generate)
 with torch.no_grad():
@@ -257,7 +257,7 @@ def test_merge_block_feature_order_groups_rows_by_cell():
     assert not torch.equal(a.high_res_embeds, b.high_res_embeds)
     # same rows, other order; in merge_block order rows 4c..4c+3 belong to cell c, like the prototypes
     assert torch.allclose(a.high_res_embeds.sort(0).values, b.high_res_embeds.sort(0).values)
-    from padt.model.vision import window_index
+    from padt.model.backbones.qwen2_5_vl import window_index
 
     idx = window_index(window.model.visual, batch["image_grid_thw"])
     torch.testing.assert_close(a.high_res_embeds.reshape(16, 4, -1)[torch.argsort(idx)], b.high_res_embeds.reshape(16, 4, -1))

@@ -19,7 +19,7 @@ import torch
 from conftest import ORACLE_DIR, close
 
 from padt import PaDTForConditionalGeneration
-from padt.train.losses import PaDTCriterion
+from padt.train.criterion import PaDTCriterion
 from padt.train.step import compute_padt_loss, object_features
 
 PROMPT_LENGTH = 64

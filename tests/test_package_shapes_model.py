@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from padt.shapes.benchmark import ShapesConfig, generate_dataset
+from padt.shapes import ShapesConfig, generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("package_shapes_model", ROOT / "src" / "package_shapes_model.py")

@@ -7,18 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from padt.processing.parsing import (
-    ParsedObject,
-    build_token_table,
-    gather_object_features,
-    gather_object_prototypes,
-    parse_completion,
-    parse_completions,
-    parseVRTintoCompletion,
-)
-from padt.processing import PaDTProcessor, VisonTextProcessingClass, load_processor
-from padt.testing.tokenizer import build_tiny_processor
+from padt.legacy import VisonTextProcessingClass, parseVRTintoCompletion
+from padt.processing import PaDTProcessor, load_processor
+from padt.processing.features import gather_object_features, gather_object_prototypes
+from padt.processing.parsing import ParsedObject, build_token_table, parse_completion, parse_completions
 from padt.processing.vrt import VRTCodec
+from padt.testing.tokenizer import build_tiny_processor
 
 ORACLE = Path(__file__).parent / "fixtures" / "oracle_ref"
 V = 1024
@@ -188,6 +182,27 @@ def test_gather_object_features_offsets_and_gradients():
         gather_object_features(h, objects[:1])
     empty, lengths, _ = gather_object_features(h, [[], []])
     assert empty.shape == (0, 4) and lengths == []
+
+
+def test_training_step_features_come_from_the_same_gatherer():
+    from padt.processing.features import unpack_per_object
+    from padt.train.step import object_features
+
+    h, protos = torch.randn(2, 8, 4), torch.randn(10, 4)
+    parsed = [[ParsedObject("a", [1, 2], [1, 2], (0, 1)), ParsedObject("b", [2], [4], (3, 4))],
+              [ParsedObject("c", [3], [0], (0, 0))]]
+    collated = [[{"vrt_positions": o.positions, "vrt_cells": [5 * b + k for k in o.vrt_ids]} for o in objs]
+                for b, objs in enumerate(parsed)]  # two images of 5 cells: global cell = 5 b + local cell
+    packed, lengths, _ = gather_object_features(h, parsed, position_offset=2)
+    for got, want in zip(object_features(collated, hidden=h, prototypes=protos, prompt_length=3,
+                                         use_prototype_features=False), unpack_per_object(packed, lengths, parsed)):
+        assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
+    packed, lengths, _ = gather_object_prototypes(protos, parsed, torch.tensor([[1, 2, 10], [1, 2, 10]]),
+                                                  VRTCodec(V, 2))
+    for got, want in zip(object_features(collated, hidden=h, prototypes=protos, prompt_length=3,
+                                         use_prototype_features=True), unpack_per_object(packed, lengths, parsed)):
+        assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
+    assert unpack_per_object(torch.zeros(0, 4), [], [[], []]) == [[], []]
 
 
 def test_gather_object_prototypes_multi_image_rows():

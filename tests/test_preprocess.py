@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rle_helpers import uncompressed_rle
 
-from padt.geometry.masks import FOREGROUND_RULES, foreground_cells, merged_grid_for_image, rle_decode, rle_encode
+from padt.geometry.grids import merged_grid_for_image
+from padt.geometry.masks import FOREGROUND_RULES, foreground_cells, rle_decode, rle_encode
 from padt.preprocess import (
     GridSpec,
     OVDOptions,
@@ -43,18 +45,6 @@ def _mask(h: int, w: int, rows: slice, cols: slice) -> np.ndarray:
     return m
 
 
-def _uncompressed(mask: np.ndarray) -> dict:
-    """Crowd-style RLE: run lengths over the column-major flattened mask, starting with zeros."""
-    flat, runs, cur, n = mask.flatten(order="F"), [], 0, 0
-    for v in flat:
-        if v != cur:
-            runs.append(n)
-            cur, n = v, 0
-        n += 1
-    runs.append(n)
-    return {"size": list(mask.shape), "counts": runs}
-
-
 # Image 1 is 56 x 84 px: a 2 x 3 grid of 28-px cells, so the grid resize is the identity and cells are exact.
 CELL01 = _mask(56, 84, slice(0, 28), slice(28, 56))  # full cell (0, 1) -> patch 1
 CELL10 = _mask(56, 84, slice(28, 56), slice(0, 28))  # full cell (1, 0) -> patch 3
@@ -70,7 +60,7 @@ def _image1_annotations() -> list[dict]:
         {"id": 102, "image_id": 1, "category_id": 2, "iscrowd": 0, "area": 400.0, "bbox": [60, 32, 20, 20],
          "segmentation": POLY},
         {"id": 103, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": 784.0, "bbox": [0, 28, 28, 28],
-         "segmentation": _uncompressed(CELL10)},
+         "segmentation": uncompressed_rle(CELL10)},
         {"id": 104, "image_id": 1, "category_id": 2, "iscrowd": 0, "area": 28.0, "bbox": [56, 0, 28, 1],
          "segmentation": rle_encode(EDGE28)},
         {"id": 105, "image_id": 1, "category_id": 3, "iscrowd": 0, "area": 10.0, "bbox": [60, 40, 10, 1],

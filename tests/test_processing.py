@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from padt.processing.parsing import parseVRTintoCompletion
+from padt.legacy import parseVRTintoCompletion
 from padt.processing import (
     ImageOnlyQwen2_5_VLProcessor,
     PaDTProcessor,
@@ -21,7 +21,6 @@ from padt.processing import (
     load_image,
     load_processor,
     process_vision_info,
-    smart_resize,
     torchvision_available,
 )
 from padt.testing.tokenizer import QWEN_ADDED_TOKENS, build_tiny_processor, build_tiny_tokenizer
@@ -244,20 +243,6 @@ def test_padt_processor_from_pretrained(tiny_processor, tmp_path):
 
 
 # ----------------------------------------------------------------------------- images
-def test_smart_resize_rules():
-    assert smart_resize(60, 100, 28, 4 * 28 * 28, 256 * 28 * 28) == (56, 112)
-    h, w = smart_resize(1000, 2000, 28, 4 * 28 * 28, 64 * 28 * 28)
-    assert h % 28 == 0 and w % 28 == 0 and h * w <= 64 * 28 * 28 and abs(w / h - 2) < 0.3
-    h, w = smart_resize(10, 10, 28, 16 * 28 * 28, 64 * 28 * 28)
-    assert (h, w) == (112, 112)
-    assert smart_resize(5, 5, 28, 0, 10**9) == (28, 28)  # never below one cell
-    assert smart_resize(448, 448, 32) == (448, 448)  # the factor is an argument, not 28
-    with pytest.raises(ValueError, match="aspect ratio"):
-        smart_resize(10, 3000, 28)
-    with pytest.raises(ValueError, match="max_pixels"):
-        smart_resize(100, 100, 28, 1000, 10)
-
-
 def test_fetch_image_and_process_vision_info(tmp_path):
     path = tmp_path / "img.png"
     _image(300, 200).save(path)

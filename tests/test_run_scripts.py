@@ -32,7 +32,7 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 60) -> subproc
 def make_small_shapes(folder: Path, counts: dict[str, int], seed: int = 0, **options):
     """A tiny generated shapes set (56 x 56 px scenes, one large shape each) for the shapes scripts' tests; `options`
     override `ShapesConfig` fields. Returns the config."""
-    from padt.shapes.benchmark import ShapesConfig, generate_dataset
+    from padt.shapes import ShapesConfig, generate_dataset
 
     config = ShapesConfig(**{"height": 56, "width": 56, "max_objects": 1, "size_range": (0.5, 0.7), **options})
     generate_dataset(folder, counts, seed=seed, config=config)
@@ -266,6 +266,32 @@ def test_shapes_script_rejects_unknown_cell_classes(tmp_path):
     proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out")], env=env, timeout=600)
     assert proc.returncode == 2 and "CELL_CLASSES must be kind or colour_kind" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()  # before any work
+
+
+def test_shapes_script_dry_run_prints_the_recipe_of_the_config(tmp_path):
+    """DRY_RUN=1: every step prints its command with configs/shapes/recipe.yaml's values and nothing runs: the model
+    at the scenes' size, 3000 stage-0 steps on colour x kind, two processes of 8 samples and one thread each, the
+    cell-category loss on the 15 colour x kind classes, and the four evaluations with --distinct-vrts."""
+    make_small_shapes(tmp_path / "data", {"train": 2, "val": 1})
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable, "DRY_RUN": "1",
+           "OMP_NUM_THREADS": "2"}
+    for name in ("NPROC", "BATCH", "VISION_STEPS", "VISION_CLASSES", "CELL_CLASS_COEF", "CELL_CLASSES", "EVAL",
+                 "EVAL_FLAGS", "EVAL_LIMIT", "INIT_FLAGS", "EXTRA_DATA_DIRS"):
+        env.pop(name, None)
+    proc = run(["bash", str(RUN_SCRIPTS / "padt_tiny_shapes_sft.sh"), str(tmp_path / "out")], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = [" ".join(shlex.split(line[2:])) for line in proc.stderr.splitlines() if line.startswith("+ ")]
+    init, stage0, train, *evals, table = commands
+    assert "-m padt.testing.models" in init and "--min-pixels 3136 --max-pixels 3136" in init
+    assert "pretrain_shapes_vision.py" in stage0 and "--steps 3000 --cell-classes colour_kind" in stage0
+    assert train.startswith("OMP_NUM_THREADS=1 ") and "--nproc_per_node 2 -m padt.train --ddp_backend gloo" in train
+    assert "--per_device_train_batch_size 8" in train and "configs/train/tiny_shapes.yaml" in train
+    assert f"--model_name_or_path {tmp_path / 'out' / 'init_vision'}" in train
+    names = train.split("--cell_class_names ")[1].split(" --cell_class_match ")[0]
+    assert names.count(" square") == 5 and train.endswith("--cell_class_match phrase")
+    assert [c.split("--task ")[1].split()[0] for c in evals] == ["rec", "res", "ovd", "ric"]
+    assert all(c.endswith("--distinct-vrts") for c in evals) and "padt.evaluation.table" in table
+    assert not (tmp_path / "out").exists()
 
 
 def test_entry_point_help_names_the_padt_arguments():

@@ -1,4 +1,4 @@
-"""The synthetic shapes data set (padt.shapes.benchmark, src/preprocess/make_shapes.py): deterministic, self-consistent files in
+"""The synthetic shapes data set (padt.shapes, src/preprocess/make_shapes.py): deterministic, self-consistent files in
 the released format, unique referring expressions, and COCO ground truth that pycocotools reads."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from PIL import Image
 from padt.geometry.masks import FOREGROUND_RULES, foreground_cells, rle_area, rle_decode, rle_to_bbox_xywh
 from padt.preprocess import GridSpec, OVDOptions, SkipReport, load_coco_instances, ovd_records
 from padt.preprocess.templates import RIC_PROMPT, ovd_prompt, rec_answer, rec_prompt
-from padt.shapes.benchmark import (
+from padt.shapes import (
     PALETTE,
     Expression,
     ObjectFacts,

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from padt.evaluation.data import load_samples, referred_object
-from padt.evaluation.pipeline import EvalOptions, evaluate_split
 from padt.evaluation.metrics.rec import accuracy_at, top1_box_ious
+from padt.evaluation.pipeline import EvalOptions, evaluate_split
 from padt.inference.predictor import PaDTPredictor
-from padt.shapes.benchmark import ShapesConfig, generate_dataset
+from padt.shapes import ShapesConfig, generate_dataset
 from padt.testing.models import build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def test_short_training_raises_rec_accuracy_above_chance(trained):
 
 # --------------------------------------------------------------------------- the shipped model
 # The shipped model scores Acc@0.5 = 0.910 on these 256 fresh sentences (0.924 on 750 sentences of seed 9 and 0.920
-# on the 767 held-out `val` ones of seed 0, docs/shapes.md); the goal is 0.90.
+# on the 767 held-out `val` ones of seed 0, docs/shapes.md); the goal set for it is 0.90.
 SHIPPED_REC_BOUND = 0.90
 
 

@@ -18,15 +18,9 @@ from transformers import TrainerCallback
 
 from padt.testing.sft_data import make_tiny_sft_workspace
 from padt.train.arguments import PaDTScriptArguments, PaDTTrainingArguments, parse_train_args
-from padt.train.setup import (
-    build_train_data,
-    load_model,
-    load_padt_processor,
-    lora_scale,
-    merge_lora_checkpoint,
-    merge_lora_state_dict,
-    prepare_model_for_training,
-)
+from padt.train.build import load_model
+from padt.train.lora import lora_scale, merge_lora_checkpoint, merge_lora_state_dict
+from padt.train.run import build_trainer
 from padt.train.trainer import PaDTTrainer, build_criterion, epoch_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,13 +56,7 @@ def train_args(out: Path, **kw) -> PaDTTrainingArguments:
 
 
 def build(ws: dict[str, Path], args: PaDTTrainingArguments, callbacks=None, **script_kw) -> PaDTTrainer:
-    s = script_args(ws, **script_kw)
-    model = load_model(s, args)
-    processor = load_padt_processor(s, model.config.vrt_base_id)
-    prepare_model_for_training(model, args)
-    dataset, collator = build_train_data(s, args, processor, model.vl_decoder.mask_upscale)
-    return PaDTTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset,
-                       processing_class=processor, callbacks=callbacks)
+    return build_trainer(script_args(ws, **script_kw), args, callbacks=callbacks)
 
 
 def step_logs(trainer: PaDTTrainer) -> dict[int, dict]:
@@ -156,10 +144,9 @@ def test_decoder_warmup_uses_prototypes_for_the_first_steps(workspace, tmp_path,
     seen = []
     real = training_step.compute_padt_loss
 
-    def spy(model, batch, *, criterion, use_prototype_features, cell_classes=None):
+    def spy(model, batch, *, criterion, use_prototype_features):
         seen.append(use_prototype_features)
-        return real(model, batch, criterion=criterion, use_prototype_features=use_prototype_features,
-                    cell_classes=cell_classes)
+        return real(model, batch, criterion=criterion, use_prototype_features=use_prototype_features)
 
     monkeypatch.setattr(training_step, "compute_padt_loss", spy)
     build(workspace, train_args(tmp_path, max_steps=4, warmup_prototype_steps=2)).train()
@@ -230,7 +217,7 @@ def test_lora_trains_adapters_and_padt_modules_then_merges(workspace, tmp_path):
     out = tmp_path / "merged"
     trainer.save_model(str(out))
     assert merge_lora_checkpoint(out, lora_scale(args)) == 2 * 7  # 2 layers x 7 linear layers
-    from padt.model.modeling import PaDTForConditionalGeneration
+    from padt.model.backbones.qwen2_5_vl import PaDTForConditionalGeneration
 
     merged, info = PaDTForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -288,7 +275,7 @@ def test_prototype_projection_switch_applies_to_a_base_model(workspace, base_qwe
     model = load_model(s, args)
     assert model.config.use_visual_prototype_projection is projection
     assert (model.vis_proj is not None) is projection
-    if projection:  # a fresh PaDT start: prototypes begin at exactly zero (spec 3.3)
+    if projection:  # a fresh PaDT start: prototypes begin at exactly zero (docs/method.md#visual-reference-prototypes)
         assert torch.count_nonzero(model.vis_norm.weight) == 0
 
 
@@ -372,7 +359,7 @@ def test_deepspeed_tiny_run_on_cpu(workspace, tmp_path, stage, lora):
     lora_flags = ["--use_lora", "true", "--lora_r", "4", "--lora_alpha", "8"] if lora else []
     _torchrun_two_steps(workspace, out, 1, "--deepspeed", str(ROOT / f"configs/deepspeed/zero{stage}.json"),
                         *lora_flags)
-    from padt.model.modeling import PaDTForConditionalGeneration
+    from padt.model.backbones.qwen2_5_vl import PaDTForConditionalGeneration
 
     _, info = PaDTForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

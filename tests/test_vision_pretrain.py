@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from padt.geometry.masks import rle_encode
-from padt.shapes.benchmark import ShapesConfig, generate_dataset
-from padt.testing.models import build_tiny_checkpoint
+from padt.shapes import ShapesConfig, generate_dataset
 from padt.shapes.vision_pretrain import cell_class_labels, load_cell_records
+from padt.testing.models import build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -76,8 +76,8 @@ def test_cell_pixel_targets_follow_the_cell_order():
 
     from PIL import Image
 
-    from padt.testing.tokenizer import build_tiny_processor, build_tiny_tokenizer
     from padt.shapes.vision_pretrain import cell_pixel_targets
+    from padt.testing.tokenizer import build_tiny_processor, build_tiny_tokenizer
 
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     image = np.zeros((56, 56, 3), np.uint8)

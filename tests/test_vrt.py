@@ -1,4 +1,4 @@
-"""VRTCodec: id arithmetic, per-row offsets, multi-image and image-less rows, errors, no mutation."""
+"""VRTCodec: id arithmetic, cells per image and their offsets, multi-image and image-less rows, errors, no mutation."""
 
 from pathlib import Path
 
@@ -7,11 +7,11 @@ import torch
 
 from padt.processing.vrt import (
     VRTCodec,
+    cell_offsets,
+    cells_per_image,
     image_sample_idx_from_counts,
     local_to_global_cells,
-    parse_vrt_token,
     pid2vrt,
-    vrt_token,
 )
 
 ORACLE = Path(__file__).parent / "fixtures" / "oracle_ref"
@@ -23,26 +23,16 @@ def codec():
     return VRTCodec(V, spatial_merge_size=2)
 
 
-def test_token_strings_round_trip(codec):
-    assert vrt_token(7) == "<|VRT_7|>"
-    assert parse_vrt_token("<|VRT_123|>") == 123
-    assert codec.token_to_id("<|VRT_5|>") == V + 5
-    assert codec.id_to_token(V + 5) == "<|VRT_5|>"
-    for k in (0, 1, 99, 16383):
-        assert codec.parse_token(codec.token(k)) == k
+def test_token_strings():
     assert pid2vrt([3, 7]) == "<|VRT_3|><|VRT_7|>"
     assert pid2vrt(4) == "<|VRT_4|>"
     assert pid2vrt(torch.tensor([[1], [2]])) == "<|VRT_1|><|VRT_2|>"
-    with pytest.raises(ValueError, match="not a VRT token"):
-        parse_vrt_token("<|VRT_x|>")
-    with pytest.raises(ValueError, match="not a VRT id"):
-        codec.id_to_token(V - 1)
 
 
 def test_cells_and_offsets(codec):
     grid = torch.tensor([[1, 6, 8], [1, 8, 4], [2, 4, 4]])
     assert codec.num_cells(grid).tolist() == [12, 8, 8]
-    assert codec.offsets(grid).tolist() == [0, 12, 20]
+    assert cell_offsets(codec.cells_per_image(grid)) == [0, 12, 20]
     assert codec.cells_per_image([[1, 2, 2]]) == [1]
     assert VRTCodec(V, spatial_merge_size=1).num_cells(grid).tolist() == [48, 32, 32]
     assert codec.num_cells(None).tolist() == []
@@ -52,20 +42,11 @@ def test_cells_and_offsets(codec):
         codec.num_cells(torch.tensor([[1, 4]]))
 
 
-def test_cell_geometry_round_trip(codec):
+def test_merged_grid(codec):
     grid = (1, 6, 8)  # merged 3 x 4
     assert codec.merged_grid(grid) == (1, 3, 4)
-    for k in range(12):
-        r, c = codec.cell_to_rc(k, grid)
-        assert 0 <= r < 3 and 0 <= c < 4
-        assert codec.rc_to_cell(r, c, grid) == k
-    assert codec.cell_to_rc(7, grid) == (1, 3)
-    rows, cols = codec.cell_to_rc(torch.arange(12), grid)
-    assert torch.equal(codec.rc_to_cell(rows, cols, grid), torch.arange(12))
-    with pytest.raises(ValueError, match="outside"):
-        codec.cell_to_rc(12, grid)
-    with pytest.raises(ValueError, match="outside"):
-        codec.rc_to_cell(0, 4, grid)
+    with pytest.raises(ValueError, match="at least 28x28 px"):
+        cells_per_image(torch.tensor([[1, 6, 8], [1, 16, 1]]), 2, cell_size_px=28)
 
 
 def test_one_image_per_row_matches_authors_offsets(codec):
@@ -107,8 +88,6 @@ def test_multi_image_and_image_less_rows(codec):
     glob2 = codec.to_global(torch.tensor([[V + 0], [V + 3]]), grid2, torch.tensor([1, 0]))
     assert glob2.tolist() == [[V + 4], [V + 3]]
     assert codec.to_local(glob2, grid2, torch.tensor([1, 0])).tolist() == [[V + 0], [V + 3]]
-    cells = codec.row_global_cells(3, grid, sample_idx)
-    assert cells[0].tolist() == list(range(16)) and cells[1].tolist() == [] and cells[2].tolist() == [16]
     assert codec.row_cell_ranges(3, grid, sample_idx) == [[(0, 4), (4, 12)], [], [(16, 1)]]
 
 

@@ -3,7 +3,7 @@
 See `padt.data.collator` for the batch format shared with `padt.train.step.compute_padt_loss`.
 """
 
-from padt.data.cells import GridGeometry, box_centre_cell, derive_cells, gt_mask_at_patch_grid, upscale_tiny_image
+from padt.data.cells import box_centre_cell, derive_cells, gt_mask_at_patch_grid, upscale_tiny_image
 from padt.data.collator import PaDTCollator, robust_cell_mask
 from padt.data.dataset import PaDTDataset
 from padt.data.records import (
@@ -26,6 +26,7 @@ from padt.data.sampling import (
     sample_object_vrts,
     sample_rng,
 )
+from padt.geometry.grids import GridGeometry
 
 __all__ = [
     "DataSource",

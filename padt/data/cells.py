@@ -1,10 +1,11 @@
-"""Image geometry for training data: the processor's merged grid, tiny-image upscaling, foreground cells, gt masks.
+"""Image geometry for training data: tiny-image upscaling, foreground cells, gt masks.
 
-The released JSONL stores each object's ``patches`` on the rounded 28-px grid of the original image (spec 8). We never
-trust that grid: every object's cells are derived again from its mask (``rle``) or, without a mask, from its box, at
-the grid the processor actually produces for the image (`GridGeometry.grid`, transformers' ``smart_resize``), with the
-foreground rule of the record's task (`padt.geometry.masks.FOREGROUND_RULES`). When the image is within min/max pixels the
-two grids agree and so do the cells (tested).
+The released JSONL stores each object's ``patches`` on the rounded 28-px grid of the original image
+(docs/preprocessing.md, the data format section). We never trust that grid: every object's cells are derived again from
+its mask (``rle``) or, without a mask, from its box, at the grid the processor actually produces for the image
+(`padt.geometry.grids.GridGeometry`, transformers' ``smart_resize``), with the foreground rule of the record's task
+(`padt.geometry.masks.FOREGROUND_RULES`). When the image is within min/max pixels the two grids agree and so do the
+cells (tested).
 
 **Objects without a foreground cell at the actual grid** (a thin or tiny object on a coarser grid) cannot simply be
 dropped: the answer text names them. We use the cell that contains the centre of the object's box instead
@@ -15,78 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from padt.geometry.masks import ForegroundRule, box_mask, foreground_cells, merged_grid_for_image, rle_decode
-
-
-@dataclass(frozen=True)
-class GridGeometry:
-    """What decides an image's merged grid: ViT patch size, spatial merge size and the processor's pixel limits.
-
-    ``cell_size = patch_size * merge_size`` resized pixels per merged cell (one VRT).
-    """
-
-    patch_size: int
-    merge_size: int
-    min_pixels: int
-    max_pixels: int
-
-    def __post_init__(self) -> None:
-        for name in ("patch_size", "merge_size", "min_pixels", "max_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"GridGeometry.{name} must be a positive int, got {value!r}")
-        if self.max_pixels < self.min_pixels:
-            raise ValueError(f"max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})")
-
-    @property
-    def cell_size(self) -> int:
-        return int(self.patch_size) * int(self.merge_size)
-
-    def grid(self, height: int, width: int) -> tuple[int, int]:
-        """Merged grid ``(grid_h, grid_w)`` the processor produces for an image of ``height x width`` pixels."""
-        return merged_grid_for_image(int(height), int(width), patch_size=int(self.patch_size),
-                                     merge_size=int(self.merge_size), min_pixels=int(self.min_pixels),
-                                     max_pixels=int(self.max_pixels))
-
-    @classmethod
-    def from_processor(cls, processor: Any) -> GridGeometry:
-        """Read the geometry from a `PaDTProcessor`, a Qwen2.5-VL processor or its image processor.
-
-        Pixel limits come from ``size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}`` (transformers 5.x),
-        else from ``min_pixels``/``max_pixels`` attributes.
-        """
-        ip = processor
-        for _ in range(3):  # PaDTProcessor -> Qwen processor -> image processor
-            if hasattr(ip, "patch_size") and hasattr(ip, "merge_size"):
-                break
-            ip = getattr(ip, "image_processor", None)
-            if ip is None:
-                break
-        if ip is None or not hasattr(ip, "patch_size") or not hasattr(ip, "merge_size"):
-            raise TypeError(f"cannot read patch_size/merge_size from {type(processor).__name__}: pass a PaDTProcessor, "
-                            "a Qwen2.5-VL processor or its image processor")
-        size = getattr(ip, "size", None)
-
-        def _size_value(key: str, attr: str):
-            value = None
-            if size is not None:
-                value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-            return value if value is not None else getattr(ip, attr, None)
-
-        min_pixels, max_pixels = _size_value("shortest_edge", "min_pixels"), _size_value("longest_edge", "max_pixels")
-        if min_pixels is None or max_pixels is None:
-            raise ValueError(f"the image processor {type(ip).__name__} has no min/max pixels (size={size!r})")
-        return cls(int(ip.patch_size), int(ip.merge_size), int(min_pixels), int(max_pixels))
+from padt.geometry.masks import ForegroundRule, box_mask, foreground_cells, rle_decode
 
 
 def upscale_tiny_image(image: Image.Image, cell_size: int) -> Image.Image:
-    """Authors' rule (spec 9.5.2): if a side is under one cell, resize so the short side is ``cell_size`` (LANCZOS).
+    """Authors' rule (the tiny-image step of `compute_loss` in `src/PaDT/trainer/padt_sft_trainer.py`; see
+    docs/method.md#the-training-step-and-losses): if a side is under one cell, resize so the short side is
+    ``cell_size`` (LANCZOS).
 
     The aspect ratio is kept (long side rounded, at least ``cell_size``); other images are returned unchanged.
     """
@@ -144,7 +84,8 @@ def derive_cells(
 
 
 def gt_mask_at_patch_grid(rle: dict, patch_h: int, patch_w: int, upscale: int) -> np.ndarray:
-    """Decoder mask target (spec 9.5.9): the full-res RLE mask resized with cv2 bilinear to (upscale*h, upscale*w).
+    """Decoder mask target (docs/method.md#the-training-step-and-losses; the authors' `compute_loss` in
+    `src/PaDT/trainer/padt_sft_trainer.py`): the full-res RLE mask resized with cv2 bilinear to (upscale*h, upscale*w).
 
     ``(patch_h, patch_w)`` is the 14-px patch grid (``image_grid_thw[1:]``). The decoded uint8 0/1 mask is resized
     as is (as the authors decode and resize it) and thresholded at > 0.5. Returns float32 (upscale*h, upscale*w)

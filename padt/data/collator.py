@@ -1,4 +1,5 @@
-"""`PaDTCollator`: dataset items -> the training batch of the contract (spec 9.5 steps 1-5).
+"""`PaDTCollator`: dataset items -> the training batch that `compute_padt_loss` consumes (steps 1-5 of the authors'
+`compute_loss` in `src/PaDT/trainer/padt_sft_trainer.py`; docs/method.md#the-training-step-and-losses).
 
 Per batch: sample each object's VRT cells (`padt.data.sampling`, seeded by (seed, epoch, dataset index)), build the
 answer text + eos, tokenise the chat-templated prompts with their images (left-padded, `PaDTProcessor`) and the
@@ -41,7 +42,8 @@ from padt.processing.vrt import local_to_global_cells
 
 
 def robust_cell_mask(objects: Sequence[Sequence[Mapping[str, Any]]], num_cells: int) -> torch.Tensor:
-    """Robust-CE mask (spec 9.5.5): one row per VRT target, rows ordered by batch row, then object, then VRT.
+    """Robust-CE mask (docs/method.md#the-training-step-and-losses): one row per VRT target, rows ordered by batch
+    row, then object, then VRT.
 
     Args:
         objects: per batch row, per object (text order), dicts with ``vrt_cells`` and ``fg_cells`` (global cells).
@@ -200,15 +202,14 @@ class PaDTCollator:
         return out
 
     def _check_grids(self, examples, row_images: list[list[int]], grid_thw: torch.Tensor) -> None:
-        merge = self.processor.spatial_merge_size
         for b, ex in enumerate(examples):
             if len(row_images[b]) != 1:
                 raise ValueError(f"{_name(ex)}: training samples hold exactly one image, got {len(row_images[b])}")
-            _, h, w = (int(x) for x in grid_thw[row_images[b][0]])
-            if "grid" in ex and tuple(ex["grid"]) != (h // merge, w // merge):
+            merged = self.processor.codec.merged_grid(grid_thw[row_images[b][0]])[1:]
+            if "grid" in ex and tuple(ex["grid"]) != merged:
                 raise ValueError(
                     f"{_name(ex)}: the dataset derived cells on a {tuple(ex['grid'])} merged grid but the processor "
-                    f"made {(h // merge, w // merge)}; build the dataset with the collator's processor geometry"
+                    f"made {merged}; build the dataset with the collator's processor geometry"
                 )
 
     def _check_lengths(self, examples, prompt_mask: torch.Tensor, encoded: list[list[int]]) -> None:

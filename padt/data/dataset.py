@@ -2,8 +2,10 @@
 
 An item (``dataset[i]``) is a dict:
 
-- ``image``: PIL RGB (tiny images upscaled so the short side is one cell, LANCZOS, spec 9.5.2);
-- ``prompt``: the first conversation value with ``"<image>"`` removed (spec 9.3); ``answer_template``; ``task``;
+- ``image``: PIL RGB (tiny images upscaled so the short side is one cell, LANCZOS, as the authors' `compute_loss` in
+  `src/PaDT/trainer/padt_sft_trainer.py` does; docs/method.md#the-training-step-and-losses);
+- ``prompt``: the first conversation value with ``"<image>"`` removed (as the authors' `src/PaDT/sft_train.py`
+  does; docs/training.md); ``answer_template``; ``task``;
 - ``objects``: one dict per record object, in record order: ``cells`` (local merged-cell indices at the processor's
   grid, `padt.data.cells.derive_cells`), ``box`` (normalised [x1, y1, x2, y2]), ``rle`` (COCO RLE or None),
   ``label`` (str), ``fallback`` (True when no cell passed the foreground rule and the box-centre cell is used);
@@ -24,10 +26,11 @@ from typing import Any
 
 import torch
 
-from padt.data.cells import GridGeometry, derive_cells, upscale_tiny_image
+from padt.data.cells import derive_cells, upscale_tiny_image
 from padt.data.records import DataSource, HubRecords, JsonlRecords, load_sources, open_records
+from padt.geometry.grids import GridGeometry
 from padt.geometry.masks import FOREGROUND_RULES, ForegroundRule
-from padt.processing.processor import load_image
+from padt.processing.qwen import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,8 @@ class PaDTDataset(torch.utils.data.Dataset):
         geometry: the processor's `GridGeometry`, or a processor / image processor to read it from. Cells are
             derived at the grid this geometry gives for each image, so it must be the collator's processor.
         image_folders: ":"-separated image folders for the ":" form of ``sources``.
-        foreground_rules: rule per record ``task`` (default `padt.geometry.masks.FOREGROUND_RULES`); an unknown task raises.
+        foreground_rules: rule per record ``task`` (default `padt.geometry.masks.FOREGROUND_RULES`); an unknown task
+            raises.
         upscale_tiny: upscale images with a side under one cell (the authors do).
         check_images: check at construction that every image file exists (default: checked when read).
     """

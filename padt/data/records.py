@@ -1,10 +1,13 @@
-"""Reading the released PaDT JSONL records (spec 8) from local files or the dataset hub, and mixing several files.
+"""Reading the released PaDT JSONL records from local files or the dataset hub, and mixing several files.
+
+The record format is described in docs/preprocessing.md ("Output: one JSON object per line").
 
 A *record* is one JSON object per line::
 
     {"id": 9, "image": "000000000009.jpg", "conversations": [{"from": "human", "value": PROMPT}],
      "answer_template": "There is 1 \\"cat\\" (<|Obj_0|>) in this image.",
-     "objects": [{"patches": [...], "bbox": [x1, y1, x2, y2], "iscrowd": 0, "area": 1.0, "rle": {...}, "label": "cat"}],
+     "objects": [{"patches": [...], "bbox": [x1, y1, x2, y2], "iscrowd": 0, "area": 1.0, "rle": {...},
+                  "label": "cat"}],
      "task": "ovd"}
 
 Required: ``image`` (str), ``conversations`` (first entry has a str ``value``), ``answer_template`` (str),
@@ -15,13 +18,15 @@ the repository file and row).
 
 Where records come from (`open_records`): an existing local path is read as JSON lines (whatever its extension; the
 released files are called ``*.json``); a path that does not exist locally and looks like ``org/repo/file.json`` is
-loaded with ``datasets.load_dataset("org/repo", data_files="file.json")["train"]`` (the authors' rule, spec 9.3).
+loaded with ``datasets.load_dataset("org/repo", data_files="file.json")["train"]`` (the authors' rule in
+``src/PaDT/sft_train.py``; docs/training.md).
 
 Several files (`load_sources`): the authors' ":"-separated ``data_file_paths`` + ``image_folders`` (equal counts),
 or a YAML file holding a list of ``{path, image_folder, repeat (default 1), name (optional)}`` (also accepted under
 a top-level ``datasets:`` key). ``repeat`` oversamples a file (the Pro mix uses COCO twice).
 """
 
+# ruff: noqa: TRY004 -- a malformed record is bad file content (ValueError naming file and line), not a TypeError
 from __future__ import annotations
 
 import json
@@ -50,7 +55,8 @@ def _is_number(v: Any) -> bool:
 
 
 def validate_record(record: Any, where: str) -> None:
-    """Raise `ValueError` (message starts with ``where``) unless ``record`` has the fields and types of spec 8."""
+    """Raise `ValueError` (message starts with ``where``) unless ``record`` has the fields and types of the released
+    format (docs/preprocessing.md, "Output: one JSON object per line")."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     missing = [k for k in RECORD_FIELDS if record.get(k) is None]
@@ -59,12 +65,14 @@ def validate_record(record: Any, where: str) -> None:
     image = record["image"]
     if isinstance(image, (list, tuple)):
         if len(image) != 1:
-            raise ValueError(f"{where}: 'image' lists {len(image)} files; PaDT training records hold exactly one image")
+            raise ValueError(f"{where}: 'image' lists {len(image)} files; PaDT training records hold exactly one "
+                             "image")
         image = image[0]
     if not isinstance(image, str) or not image:
         raise ValueError(f"{where}: 'image' must be a non-empty file name, got {record['image']!r:.80}")
     conv = record["conversations"]
-    if not isinstance(conv, list) or not conv or not isinstance(conv[0], dict) or not isinstance(conv[0].get("value"), str):
+    first = conv[0] if isinstance(conv, list) and conv else None
+    if not isinstance(first, dict) or not isinstance(first.get("value"), str):
         raise ValueError(f"{where}: 'conversations' must be a list whose first entry has a str 'value' (the prompt)")
     template, objects, task = record["answer_template"], record["objects"], record["task"]
     if not isinstance(template, str):
@@ -82,7 +90,8 @@ def validate_record(record: Any, where: str) -> None:
         raise ValueError(f"{where}: 'answer_template' has a malformed <|Obj_k|> placeholder: {template!r:.120}")
     bad = sorted({k for k in ids if k >= len(objects)})
     if bad:
-        raise ValueError(f"{where}: 'answer_template' names object(s) {bad} but the record has {len(objects)} object(s)")
+        raise ValueError(f"{where}: 'answer_template' names object(s) {bad} but the record has {len(objects)} "
+                         "object(s)")
 
 
 def _validate_object(obj: Any, where: str) -> None:
@@ -141,7 +150,8 @@ class JsonlRecords:
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            hint = " (the file must hold one JSON object per line, not a JSON array)" if raw.strip() in (b"[", b"[{") else ""
+            is_array = raw.strip() in (b"[", b"[{")
+            hint = " (the file must hold one JSON object per line, not a JSON array)" if is_array else ""
             raise ValueError(f"{where}: malformed JSON: {err}{hint}") from None
 
     def __len__(self) -> int:
@@ -168,7 +178,8 @@ class JsonlRecords:
 class HubRecords:
     """Records of a file in a dataset-hub repository, through ``datasets.load_dataset(repo, data_files=file)``.
 
-    Rows stay in the memory-mapped Arrow table; each row is validated when it is read (``where`` = ``repo/file row i``).
+    Rows stay in the memory-mapped Arrow table; each row is validated when it is read (``where`` =
+    ``repo/file row i``).
     """
 
     def __init__(self, repo: str, file: str):

@@ -1,4 +1,5 @@
-"""VRT sampling per object and answer-text construction (spec 9.5 step 3).
+"""VRT sampling per object and answer-text construction (step 3 of the authors' `compute_loss` in
+`src/PaDT/trainer/padt_sft_trainer.py`; docs/method.md#the-training-step-and-losses).
 
 Each ``<|Obj_k|>`` placeholder of a record's ``answer_template`` is replaced by ``num_vrt`` VRT tokens naming cells of
 object k: ``num_vrt`` cells drawn uniformly **without** replacement, or **with** replacement when the object has
@@ -29,7 +30,8 @@ NumVRT = int | str
 
 
 def placeholder_ids(template: str) -> list[int]:
-    """Object indices of the ``<|Obj_k|>`` placeholders in text order (repeats kept): ``"<|Obj_1|> <|Obj_0|>" -> [1, 0]``."""
+    """Object indices of the ``<|Obj_k|>`` placeholders in text order (repeats kept):
+    ``"<|Obj_1|> <|Obj_0|>" -> [1, 0]``."""
     return [int(m.group(1)) for m in OBJ_PATTERN.finditer(template)]
 
 
@@ -39,7 +41,7 @@ def placeholder_mentions(template: str) -> dict[int, str]:
 
     ``'A red square (<|Obj_0|>) and a yellow circle (<|Obj_1|>, <|Obj_2|>).'`` ->
     ``{0: 'A red square', 1: 'and a yellow circle', 2: 'and a yellow circle'}``. RIC objects have no label in the
-    released format (spec: ``label`` is ""), so this is what names them in a caption.
+    released format (``label`` is "", docs/preprocessing.md), so this is what names them in a caption.
     """
     mentions: dict[int, str] = {}
     end = 0

@@ -4,10 +4,11 @@ Ground truth, in order of preference:
 
 1. the official annotations (``--annotations instances_val2017.json``): the standard COCO numbers, restricted to
    the evaluated images;
-2. otherwise the preprocessed records, as the authors did (spec 10.2): per object, bbox = the normalised box x the
-   original size, rounded (``[round(x1 W), round(y1 H), round((x2 - x1) W), round((y2 - y1) H)]``), ``area`` and
-   ``iscrowd`` from the record, segmentation = the record's RLE. Categories come from the prompts' category lists
-   and the objects' labels, numbered in order of first appearance (official ids when annotations are given).
+2. otherwise the preprocessed records, as the authors' ``eval/evaluation_scripts/eval_coco.py`` did
+   (docs/evaluation.md#metrics-and-protocols): per object, bbox = the normalised box x the original size, rounded
+   (``[round(x1 W), round(y1 H), round((x2 - x1) W), round((y2 - y1) H)]``), ``area`` and ``iscrowd`` from the
+   record, segmentation = the record's RLE. Categories come from the prompts' category lists and the objects'
+   labels, numbered in order of first appearance (official ids when annotations are given).
 
 Detections: one per predicted object, ``category_id`` from the lower-cased label (objects with a label that is not
 a category are counted and reported, not silently dropped), bbox in the authors' convention

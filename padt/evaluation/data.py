@@ -1,4 +1,5 @@
-"""Evaluation samples read from the released JSONL records (spec 8) and accessors for their ground truth.
+"""Evaluation samples read from the released JSONL records (docs/preprocessing.md) and accessors for their ground
+truth.
 
 A record: ``{"id", "image", "conversations": [{"from": "human", "value": prompt}], "answer_template",
 "objects": [{"bbox": normalised xyxy, "rle", "label", "area", "iscrowd", ...}], "task"}``.
@@ -15,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from padt.preprocess.common import iter_jsonl, load_json
+from padt.io import iter_jsonl, load_json
 from padt.preprocess.templates import TASK_OVD, TASK_REFERRING, TASK_RIC
 
 TASKS = ("rec", "res", "ovd", "ric")

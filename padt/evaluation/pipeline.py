@@ -26,8 +26,10 @@ from padt.evaluation.data import load_samples
 from padt.evaluation.records import PredictionStore, rank_files, read_predictions
 from padt.evaluation.runner import run_inference
 from padt.evaluation.tasks import PROTOCOLS, task_metrics
+from padt.io import write_json
 
 SUMMARY_FILE = "metrics.json"
+JSON_STYLE = {"indent": 1, "sort_keys": True}  # of run.json and the metrics.json files
 
 
 class MissingPredictionsError(RuntimeError):
@@ -61,13 +63,6 @@ def split_name(path: str | os.PathLike) -> str:
     return name
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _check_run_meta(split_dir: Path, meta: dict, write: bool) -> None:
     """Refuse to mix predictions of different runs in one directory."""
     path = split_dir / "run.json"
@@ -79,7 +74,7 @@ def _check_run_meta(split_dir: Path, meta: dict, write: bool) -> None:
             raise ValueError(f"{split_dir} holds predictions of a different run ({detail}); use another --out or "
                              "--overwrite to discard them")
     if write:
-        _atomic_write_json(path, meta)
+        write_json(meta, path, **JSON_STYLE)
 
 
 def evaluate_split(
@@ -133,7 +128,7 @@ def evaluate_split(
     path = split_dir / SUMMARY_FILE
     table = json.loads(path.read_text()) if path.exists() else {}
     table[options.task] = entry
-    _atomic_write_json(path, table)
+    write_json(table, path, **JSON_STYLE)
     return entry
 
 
@@ -143,6 +138,6 @@ def write_summary(out_dir: str | os.PathLike) -> dict:
     summary = {}
     for path in sorted(out_dir.glob(f"*/{SUMMARY_FILE}")):
         summary[path.parent.name] = json.loads(path.read_text())
-    _atomic_write_json(out_dir / SUMMARY_FILE, summary)
+    write_json(summary, out_dir / SUMMARY_FILE, **JSON_STYLE)
     return summary
 

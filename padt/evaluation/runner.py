@@ -46,8 +46,8 @@ def run_inference(
 
     Args:
         predictor: anything with ``predict(images: list, prompts: list[str]) -> list[Prediction]`` (a
-            `padt.inference.predictor.PaDTPredictor`, batched with left padding), or a zero-argument callable returning one
-            (called only if something is pending, so a finished run never loads the model).
+            `padt.inference.predictor.PaDTPredictor`, batched with left padding), or a zero-argument callable
+            returning one (called only if something is pending, so a finished run never loads the model).
         samples: every sample of the split (the shard is taken here).
         on_batch: called with each batch's records after they are written.
     """

@@ -5,11 +5,12 @@ Protocols:
 - ``standard``: one answer per sample, keyed by the sample (no text matching). REC: Acc@0.5 of the first predicted
   object's box. RES: cIoU (cumulative I / cumulative U) and gIoU (mean IoU) of the first predicted object's mask.
   OVD: COCO bbox + segm mAP (official annotations when given). RIC: caption metrics + grounding.
-- ``paper``: the standard metrics plus the authors' numbers (spec 10.3), prefixed ``paper_``: predictions are joined
-  to the ground truth on ``"{image_id}_{echoed sentence}"`` and each key scores the best IoU over its predicted
-  objects (a paraphrased echo misses, a missing key scores 0); REC ``paper_Acc@0.5`` and RES ``paper_cIoU`` (which
-  is a mean IoU, despite the name), with the authors' rounded pixel boxes (`authors_box_xywh`).  For a key that
-  occurs in several records the last record's ground truth is used (a dict overwrite).
+- ``paper``: the standard metrics plus the authors' numbers (their ``eval/evaluation_scripts/eval_refcoco.py``;
+  docs/evaluation.md#metrics-and-protocols), prefixed ``paper_``: predictions are joined to the ground truth on
+  ``"{image_id}_{echoed sentence}"`` and each key scores the best IoU over its predicted objects (a paraphrased echo
+  misses, a missing key scores 0); REC ``paper_Acc@0.5`` and RES ``paper_cIoU`` (which is a mean IoU, despite the
+  name), with the authors' rounded pixel boxes (`authors_box_xywh`).  For a key that occurs in several records the
+  last record's ground truth is used (a dict overwrite).
 
 Each function returns ``{"metrics": {name: float}, "info": {...}}``; "info" holds counts and notes.
 """

@@ -6,7 +6,7 @@ Conventions:
     which is what the JSONL files store);
   * a *merged grid* is the grid of visual tokens after the vision tower's spatial merge: one cell covers
     ``cell_size = patch_size * merge_size`` resized pixels (28 for Qwen2.5-VL), cells are indexed
-    row-major, ``index = row * grid_w + col``.
+    row-major, ``index = row * grid_w + col``; which grid an image gets is `padt.geometry.grids`.
 
 RLE work goes through pycocotools.  The foreground-cell rule resizes with OpenCV (bilinear), because the released
 ``patches`` were computed that way and cv2's fixed-point uint8 arithmetic is what makes near-threshold cells agree
@@ -150,43 +150,6 @@ def normalize_box_xywh(box_xywh: Sequence[float], width: int, height: int) -> li
     return normalize_box_xyxy(xywh_to_xyxy(box_xywh), width, height)
 
 
-# --------------------------------------------------------------------------- grids
-def rounded_grid(height: int, width: int, *, cell_size: int) -> tuple[int, int]:
-    """The preprocessing grid of the released data: (round(H / cell), round(W / cell)), Python half-to-even round.
-
-    It equals :func:`merged_grid_for_image` whenever the processor does not rescale (image within min/max pixels).
-    """
-    if cell_size <= 0:
-        raise ValueError(f"cell_size must be positive, got {cell_size}")
-    return round(height / cell_size), round(width / cell_size)
-
-
-def merged_grid_for_image(
-    height: int, width: int, *, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int
-) -> tuple[int, int]:
-    """Merged-token grid (grid_h, grid_w) the Qwen2-VL/2.5-VL image processor produces for an image (H, W).
-
-    Reproduces transformers' ``smart_resize`` (5.23) with ``factor = patch_size * merge_size``: the resized image is
-    (grid_h * factor, grid_w * factor), and ``image_grid_thw = (1, grid_h * merge_size, grid_w * merge_size)``.
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got height={height} width={width}")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
-    factor = patch_size * merge_size
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar // factor, w_bar // factor
-
-
 # --------------------------------------------------------------------------- foreground cells
 @dataclass(frozen=True)
 class ForegroundRule:
@@ -257,7 +220,7 @@ def foreground_cells(
 
     Args:
         mask: (H, W) at original resolution, non-zero = object (e.g. ``rle_decode(obj["rle"])``).
-        grid_h, grid_w: merged grid, e.g. from :func:`merged_grid_for_image` or :func:`rounded_grid`.
+        grid_h, grid_w: merged grid, e.g. from `padt.geometry.grids.merged_grid_for_image` or ``rounded_grid``.
         cell_size: resized pixels per merged cell (patch_size * merge_size).
         threshold, inclusive, resize_dtype: see :class:`ForegroundRule` / ``FOREGROUND_RULES[task].kwargs()``.
     Returns:

@@ -68,8 +68,8 @@ class DemoApp:
                 prompt: str | None = None) -> tuple[str, Image.Image, Image.Image, Image.Image]:
         """Returns (completion text, boxes drawn on the image, masks, VRT cells over the image), all at the image's
         size. Raises ValueError for a missing image or an incomplete task preset."""
-        from padt.processing.processor import load_image
         from padt.inference.visualization import draw_boxes, draw_masks, draw_vrt_cells
+        from padt.processing.qwen import load_image
 
         if image is None:
             raise ValueError("upload an image first")

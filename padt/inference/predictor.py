@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import LogitsProcessorList
 
-from padt.model.modeling import PaDTForConditionalGeneration
-from padt.processing.parsing import gather_object_features
-from padt.processing.processor import PaDTProcessor, load_image
+from padt.model.backbones.qwen2_5_vl import PaDTForConditionalGeneration
+from padt.processing.features import gather_object_features, unpack_per_object
 from padt.processing.generation import DistinctVRTLogitsProcessor
+from padt.processing.processor import PaDTProcessor
+from padt.processing.qwen import load_image
 
 
 @dataclass
@@ -64,7 +65,8 @@ def cxcywh_to_xyxy_pixels(box: torch.Tensor, width: int, height: int) -> list[fl
 
 
 def mask_to_image(mask_logits: torch.Tensor, valid_hw: tuple[int, int], upscale: int, size: tuple[int, int]) -> np.ndarray:
-    """Crop padded mask logits to the image's valid region, resize bilinearly to (H, W) and threshold (spec 10.1).
+    """Crop padded mask logits to the image's valid region, resize bilinearly to (H, W) and threshold (as the
+    authors' evaluation, ``eval/evaluation_scripts/utils.py``; docs/evaluation.md).
 
     Args:
         mask_logits (`torch.Tensor` of shape `(4*Hmax, 4*Wmax)`); valid_hw: the image's 14-px grid (h, w);
@@ -135,8 +137,8 @@ class PaDTPredictor:
         prompt_len = inputs["input_ids"].shape[1]
         grid = inputs["image_grid_thw"]
         local = self.processor.codec.to_local(out.sequences[:, prompt_len:], grid)
-        objects = [self.processor.parse(row, num_cells=int(self.processor.codec.num_cells(grid[b:b + 1]).sum()))
-                   for b, row in enumerate(local.tolist())]
+        cells = self.processor.codec.cells_per_image(grid)  # one image per row
+        objects = [self.processor.parse(row, num_cells=cells[b]) for b, row in enumerate(local.tolist())]
         preds = [
             Prediction(text=self.processor.decode(row, skip_special_tokens=False), image_size=im.size,
                        grid_thw=tuple(grid[b].tolist()))
@@ -145,13 +147,9 @@ class PaDTPredictor:
         if not any(objects):
             return preds
         feats, lengths, _ = gather_object_features(out.vrt_hidden_states, objects)
-        per_object = list(feats.split(lengths))
-        nested, i = [], 0
-        for objs in objects:
-            nested.append(per_object[i:i + len(objs)])
-            i += len(objs)
-        decoded = self.model.vl_decode(nested, out.past_image_embeds, out.past_high_res_image_embeds, grid,
-                                       out.past_visual_pe)
+        state = out.padt_state
+        decoded = self.model.vl_decode(unpack_per_object(feats, lengths, objects), state.prototypes,
+                                       state.high_res_embeds, grid, state.pos_embeds)
         hs, ws = decoded["pred_mask_valid_hw"]
         upscale = self.model.vl_decoder.mask_upscale
         k = 0

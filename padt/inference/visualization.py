@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from padt.inference.predictor import Prediction
+from padt.processing.vrt import merged_grid
 
 # red, orange, gold, chartreuse, blue (the authors' demo palette)
 PALETTE = [(255, 0, 0), (255, 165, 0), (255, 215, 0), (127, 255, 0), (0, 0, 255)]
@@ -41,8 +42,7 @@ def draw_vrt_cells(image: Image.Image, pred: Prediction, cell_size_px: int, spat
     """
     if pred.grid_thw is None:
         return image.convert("RGB").copy()
-    _, gh, gw = pred.grid_thw
-    rows, cols = gh // spatial_merge_size, gw // spatial_merge_size
+    _, rows, cols = merged_grid(pred.grid_thw, spatial_merge_size)
     sx, sy = image.width / cols, image.height / rows
     base = image.convert("RGB")
     cells = Image.new("RGB", base.size, (0, 0, 0))

@@ -1,8 +1,10 @@
-"""`PaDTConfig`: the Qwen2.5-VL config plus PaDT's fields, loading the authors' released `config.json` as it is.
+"""PaDT's configuration fields and everything derived from them, for any backbone (`PaDTConfigMixin`).
 
-The released checkpoints (`PaDT-MLLM/PaDT_*`) keep `model_type: qwen2_5_vl` and the flat transformers-4.50 layout, with
-two extra keys: `use_visual_prototype_projection` (bool) and `vl_decoder` (a dict, spec 4.1). We keep `model_type`
-unchanged so that our saved checkpoints stay loadable by the authors' code and by vanilla Qwen2.5-VL.
+A PaDT config is the backbone's own config class plus PaDT's fields (each backbone module declares the concrete class,
+e.g. `padt.model.backbones.qwen2_5_vl.PaDTConfig`). The released checkpoints (`PaDT-MLLM/PaDT_*`) keep
+`model_type: qwen2_5_vl` and the flat transformers-4.50 layout, with two extra keys: `use_visual_prototype_projection`
+(bool) and `vl_decoder` (a dict; docs/method.md#checkpoint-format). We keep `model_type` unchanged so that our saved
+checkpoints stay loadable by the authors' code and by the vanilla backbone.
 
 Every geometric constant is derived here from the vision config (merge size, patch size, decoder width) and the text
 config (VRT base id = the number of embedding rows); nothing else in the library hard-codes them.
@@ -12,16 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from huggingface_hub.dataclasses import strict
-from transformers import Qwen2_5_VLConfig
+from padt.model.decoder.attention import ATTN_IMPLEMENTATIONS as DECODER_ATTN_IMPLEMENTATIONS
+from padt.model.decoder.decoder import FEATURE_ORDERS as VRT_FEATURE_ORDERS
 
-VRT_FEATURE_ORDERS = ("window", "merge_block")
-DECODER_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-
-
-@strict
-class PaDTConfig(Qwen2_5_VLConfig):
-    r"""
+PADT_CONFIG_FIELDS_DOC = r"""
     use_visual_prototype_projection (`bool`, defaults to `True`):
         Prototypes are `LN(E) + W2 W1 LN(E)` (True) or a copy of the merged image embeddings E (False; paper ablation).
     visual_prototype_rank (`int`, defaults to 64):
@@ -33,28 +29,31 @@ class PaDTConfig(Qwen2_5_VLConfig):
         projection and applies the ViT rotary embedding in its heads.
     vrt_feature_order (`str`, defaults to `"window"`):
         Order of the pre-merger (high-res) features and rotary embeddings handed to the decoder. `"window"` reproduces
-        the authors' (the released decoders were trained with it, spec 5.6); `"merge_block"` (rows grouped per VRT cell, cells in raster order) is the geometrically consistent
-        order for models trained from scratch.
+        the authors' (the released decoders were trained with it; docs/method.md#feature-order); `"merge_block"`
+        (rows grouped per VRT cell, cells in raster order) is the geometrically consistent order for models trained
+        from scratch.
     decoder_attn_implementation (`str`, *optional*):
         Attention backend of the decoder (`sdpa`, `eager`, `flash_attention_2`). `None` follows the LLM's
         `attn_implementation` (sdpa when that is something else). The legacy `vl_decoder["attn_implementation"]` is kept
         in the dict for the authors' code but not used: it always says `flash_attention_2`.
     mask_unused_token_rows (`bool`, defaults to `False`):
         Also mask the logits of embedding rows that no tokenizer entry uses (e.g. Qwen's 271 `<|empty_token_*|>` rows,
-        spec 3.5 and 12.11). Off by default to compute exactly the authors' function; needs `num_tokenizer_tokens`.
+        docs/method.md#vrt-ids-and-the-extended-vocabulary). Off by default to compute exactly the authors'
+        function; needs `num_tokenizer_tokens`.
     num_tokenizer_tokens (`int`, *optional*):
         Number of real tokenizer entries (ids below it are valid text tokens); used by `mask_unused_token_rows`.
     """
 
-    model_type = "qwen2_5_vl"
 
-    use_visual_prototype_projection: bool = True
-    visual_prototype_rank: int = 64
-    vl_decoder: dict | None = None
-    vrt_feature_order: str = "window"
-    decoder_attn_implementation: str | None = None
-    mask_unused_token_rows: bool = False
-    num_tokenizer_tokens: int | None = None
+class PaDTConfigMixin:
+    """PaDT's derived constants, decoder dict and validation; mixed into a backbone's config class.
+
+    The concrete class (a `@strict` dataclass, as transformers' configs are) declares PaDT's fields, documented in
+    `PADT_CONFIG_FIELDS_DOC`, with their defaults: `use_visual_prototype_projection: bool = True`,
+    `visual_prototype_rank: int = 64`, `vl_decoder: dict | None = None`, `vrt_feature_order: str = "window"`,
+    `decoder_attn_implementation: str | None = None`, `mask_unused_token_rows: bool = False`,
+    `num_tokenizer_tokens: int | None = None`.
+    """
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)

@@ -1,6 +1,7 @@
 """`VRTImageState`: everything PaDT keeps about the images of a batch between forward calls.
 
-The prototypes of a batch's images extend the vocabulary: global VRT id `V + j` is prototype row `j` (spec 3.6). Which
+The prototypes of a batch's images extend the vocabulary: global VRT id `V + j` is prototype row `j`
+(docs/method.md#vrt-ids-and-the-extended-vocabulary). Which
 rows a batch sample may read or emit is given by `cell_sample_idx`: prototype `j` belongs to batch row
 `cell_sample_idx[j]`. This generalises the authors' per-image logit mask (which assumed image i = row i) to samples with
 several images or none.
@@ -24,7 +25,7 @@ class VRTImageState:
     Attributes:
         image_embeds (`torch.Tensor` of shape `(N_cells, H)`): raw merger output E_img (inserted at `<|image_pad|>`).
         prototypes (`torch.Tensor` of shape `(N_cells, H)`): visual reference prototypes P (VRT input rows and
-            classifier rows); authors' name `past_image_embeds`.
+            classifier rows); the authors call it `past_image_embeds` (`padt.legacy`).
         vision (`VisionFeatures`, *optional*): the decoder's inputs `high_res_embeds` and `pos_embeds` (below); when
             they come from the vision tower they are derived on first access (only the decoder reads them).
         image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`).
@@ -120,7 +121,8 @@ class VRTImageState:
         return self.image_embeds[allowed.nonzero(as_tuple=True)[1]]
 
     def logit_mask(self, vocab_rows: int, batch_size: int | None = None) -> torch.Tensor:
-        """Boolean `(B, V + N_cells)`: True on the text vocabulary and on the row's own prototypes (spec 3.5, per row)."""
+        """Boolean `(B, V + N_cells)`: True on the text vocabulary and on the row's own prototypes (the
+        authors' per-image logit mask, here per row)."""
         batch_size = self.batch_size if batch_size is None else batch_size
 
         def build() -> torch.Tensor:
@@ -135,59 +137,16 @@ class VRTImageState:
             return None
         return torch.cat(self.step_hidden_states, dim=1)
 
-    @classmethod
-    def from_legacy(
-        cls,
-        past_image_embeds: torch.Tensor,
-        past_logit_mask: torch.Tensor | None,
-        past_high_res_image_embeds: torch.Tensor | None,
-        past_visual_pe: tuple[torch.Tensor, torch.Tensor] | None,
-        vocab_rows: int,
-        batch_size: int,
-    ) -> VRTImageState:
-        """Rebuild a state from the authors' four `past_*` values (decode calls written against their API).
-
-        `past_logit_mask` is `(rows, V + N)`: one row per batch sample (ours) or per image (theirs, one image per
-        sample). Without it, prototypes are split evenly in image order, which is only right for equal-size images.
-        """
-        n = past_image_embeds.shape[0]
-        if past_logit_mask is not None:
-            if past_logit_mask.shape[-1] != vocab_rows + n:
-                raise ValueError(
-                    f"past_logit_mask has width {past_logit_mask.shape[-1]}, expected vocabulary {vocab_rows} + "
-                    f"{n} prototypes = {vocab_rows + n}"
-                )
-            owner = past_logit_mask[:, vocab_rows:].float().argmax(0)
-            rows = past_logit_mask.shape[0]
-        else:
-            rows = batch_size
-            owner = torch.arange(n, device=past_image_embeds.device) * rows // max(n, 1)
-        return cls(
-            image_embeds=None,
-            prototypes=past_image_embeds,
-            vision=VisionFeatures.from_tensors(past_high_res_image_embeds, past_visual_pe),
-            image_grid_thw=None,
-            image_sample_idx=torch.arange(rows, device=past_image_embeds.device),
-            cell_sample_idx=owner.to(past_image_embeds.device),
-            batch_size=rows,
-        )
-
 
 def cells_per_image(image_grid_thw: torch.Tensor, spatial_merge_size: int, cell_size_px: int) -> list[int]:
     """Merged cells (VRTs) per image; `ValueError` for an image smaller than one merged cell.
 
-    Works on the grid as Python ints (one host copy, no tensor ops: this runs on every prefill).
+    Works on the grid as Python ints (one host copy, no tensor ops: this runs on every prefill). The arithmetic is
+    `padt.processing.vrt.cells_per_image`, shared with the processor, the collator and the training step.
     """
-    m = spatial_merge_size
-    cells = []
-    for i, (t, h, w) in enumerate(image_grid_thw.tolist()):
-        if h < m or w < m or h % m or w % m:
-            raise ValueError(
-                f"image {i} has a patch grid (t, h, w) = {(t, h, w)} that is not a whole number of merged {m}x{m} "
-                f"cells; every image must be at least {cell_size_px}x{cell_size_px} px after resizing (one VRT cell)"
-            )
-        cells.append(t * h * w // m**2)
-    return cells
+    from padt.processing.vrt import cells_per_image as _cells_per_image
+
+    return _cells_per_image(image_grid_thw, spatial_merge_size, cell_size_px=cell_size_px)
 
 
 def assign_images_to_rows(image_tokens_per_row: list[int], cells: list[int]) -> list[int]:

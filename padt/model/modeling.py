@@ -1,16 +1,14 @@
-"""`PaDTForConditionalGeneration`: transformers' Qwen2.5-VL with PaDT's Visual Reference Tokens and decoder.
+"""`PaDTModelMixin`: PaDT on top of any vision-language backbone, read as the method describes it.
 
-Subclasses `Qwen2_5_VLForConditionalGeneration` (no patching, no copied `generate` internals). What it adds:
+`forward` reads: image state (vision tower once -> prototypes, docs/method.md#visual-reference-prototypes) -> input
+embeddings (text rows + prototype rows for VRT ids) -> the backbone's LLM -> text logits + prototype logits, masked per
+batch row (docs/method.md#vrt-ids-and-the-extended-vocabulary) -> next-token loss. `generate` encodes the images once
+and carries the image state through the KV cache (docs/method.md#generation-and-the-image-state); `vl_decode` turns an
+object's VRT hidden states into a box, score and mask (docs/method.md#the-decoder).
 
-* `vis_norm`/`vis_proj`: visual prototypes from the merged image embeddings (spec 3.3);
-* VRT ids `>= V` embedded by prototype rows and scored by `h @ P^T`, masked per batch row (spec 3.4-3.6);
-* `vl_decoder` + `vl_decode(...)`: boxes, masks and scores from the hidden states of an object's VRTs (spec 5);
-* `generate` that encodes the images once, keeps the image state through the KV cache, returns it under the authors'
-  attribute names and records the last-layer feature of every generated token.
-
-Loading: the released checkpoints use transformers-4.50 key names (`model.*`, `visual.*`); the conversion that vanilla
-Qwen2.5-VL registers for its class name is registered for ours too (`register_checkpoint_conversion_mapping`, a public
-transformers API keyed by our class name, so vanilla classes are unaffected).
+The mixin talks to the backbone only through `padt.model.backbones.base.VisionLanguageBackbone`; the concrete classes
+(e.g. `padt.model.backbones.qwen2_5_vl.PaDTForConditionalGeneration`) put it in front of transformers' own model class.
+The authors' argument forms (`is_main`, the four `past_*` tensors) are translated by `padt.legacy`.
 """
 
 from __future__ import annotations
@@ -21,21 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.conversion_mapping import (
-    get_checkpoint_conversion_mapping,
-    register_checkpoint_conversion_mapping,
-)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLModel,
-    Qwen2_5_VLPreTrainedModel,
-)
 
-from padt.model.configuration import PaDTConfig
-from padt.model.decoder.decoder import PaDTDecoder
+from padt import legacy
+from padt.model.backbones.base import VisionLanguageBackbone
+from padt.model.decoder import PaDTDecoder
+from padt.model.decoder.vl_decode import vl_decode as _vl_decode
+from padt.model.image_state import VRTImageState, assign_images_to_rows, cells_per_image
+from padt.model.outputs import PaDTCausalLMOutput, PaDTGenerateOutput
 from padt.model.prototypes import (
     VisualPrototypeProjection,
     ZeroInitLayerNorm,
@@ -43,46 +35,17 @@ from padt.model.prototypes import (
     embed_with_prototypes,
     extended_logits,
 )
-from padt.model.image_state import VRTImageState, assign_images_to_rows, cells_per_image
-from padt.model.outputs import PaDTCausalLMOutput, PaDTGenerateOutput
-from padt.model.vision import encode_images
-from padt.model.decoder.vl_decode import vl_decode as _vl_decode
 
 PADT_MODULE_NAMES = ("vis_norm", "vis_proj", "vl_decoder")
-PADT_STATE_KWARGS = ("past_image_embeds", "past_logit_mask", "past_high_res_image_embeds", "past_visual_pe")
-# `forward(..., is_main=False)` (the authors' trainer calls the decoder through forward for ZeRO-3 hooks): the first
-# five positional arguments are vl_decode's, in this order.
-_DECODE_ARG_NAMES = ("object_vp_feats", "low_res_image_embeds", "high_res_image_embeds", "image_grid_thws", "visual_pes")
-_FORWARD_POSITIONALS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
 
 
-class PaDTQwenModel(Qwen2_5_VLModel):
-    """Qwen2.5-VL's inner model, plus the transformers-4.50 path `model.model.embed_tokens` that the authors'
-    quick-start uses (`processor.prepare(model.model.embed_tokens.weight.shape[0])`)."""
+class PaDTModelMixin(VisionLanguageBackbone):
+    """PaDT's modules and forward/generate/vl_decode; the backbone's hooks come from `VisionLanguageBackbone`."""
 
-    @property
-    def embed_tokens(self) -> nn.Embedding:
-        return self.language_model.embed_tokens
-
-
-for _ours, _theirs in (("PaDTForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
-                       ("PaDTQwenModel", "Qwen2_5_VLModel")):
-    if get_checkpoint_conversion_mapping(_ours) is None:
-        register_checkpoint_conversion_mapping(_ours, get_checkpoint_conversion_mapping(_theirs) or [])
-
-
-class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    config_class = PaDTConfig
-    config: PaDTConfig
-
-    def __init__(self, config: PaDTConfig):
-        if not isinstance(config, PaDTConfig):
-            config = PaDTConfig.from_dict(config.to_dict())
-        # The parent's __init__ builds the same two modules; building them here once (not twice) keeps 7B init cheap.
-        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+    def _init_padt_modules(self, config: Any) -> None:
+        """Build PaDT's three modules: `vis_norm`/`vis_proj` (prototypes) and `vl_decoder` (the backbone's
+        `__init__` calls this before `post_init`)."""
         text = config.text_config
-        self.model = PaDTQwenModel(config)
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         if config.use_visual_prototype_projection:
             self.vis_norm = ZeroInitLayerNorm(text.hidden_size)
             self.vis_proj = build_vis_proj(text.hidden_size, config.visual_prototype_rank)
@@ -99,15 +62,14 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             attn_implementation=config.resolved_decoder_attn_implementation(),
             feature_order=config.vrt_feature_order,
         )
-        self.post_init()
 
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str, *args: Any, allow_missing_padt_weights: bool | None = None, **kwargs: Any
-    ) -> PaDTForConditionalGeneration:
+    ) -> PaDTModelMixin:
         """transformers' `from_pretrained`, plus a check of the PaDT weights.
 
-        A base Qwen2.5-VL checkpoint (no `vl_decoder` in its config.json) starts PaDT training: the new modules are
+        A base backbone checkpoint (no `vl_decoder` in its config.json) starts PaDT training: the new modules are
         initialised (`vis_norm` = 0, N(0, 0.02) linears). A PaDT checkpoint (its config has `vl_decoder`) that lacks
         any PaDT weight raises `ValueError` naming them, unless `allow_missing_padt_weights=True`.
         """
@@ -115,7 +77,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         missing = sorted(k for k in info["missing_keys"] if k.split(".")[0] in PADT_MODULE_NAMES)
         if missing and allow_missing_padt_weights is None:
-            raw, _ = PaDTConfig.get_config_dict(pretrained_model_name_or_path, **{
+            raw, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **{
                 k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only", "token", "subfolder") if k in kwargs
             })
             allow_missing_padt_weights = "vl_decoder" not in raw
@@ -128,7 +90,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, ZeroInitLayerNorm):  # prototypes start at exactly 0 (spec 3.3)
+        if isinstance(module, ZeroInitLayerNorm):  # prototypes start at exactly 0 (docs/method.md#visual-reference-prototypes)
             init.zeros_(module.weight)
             init.zeros_(module.bias)
             return
@@ -157,7 +119,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             batch_size = input_ids.shape[0]
         else:
             owners, batch_size = list(range(len(cells))), len(cells)
-        feats = encode_images(self.model.visual, pixel_values, image_grid_thw, order=cfg.vrt_feature_order)
+        feats = self.encode_vision(pixel_values, image_grid_thw)
         prototypes = VisualPrototypeProjection.apply(feats.image_embeds, self.vis_norm, self.vis_proj)
         device = feats.image_embeds.device
         cell_owners = [row for row, n in zip(owners, cells) for _ in range(n)]
@@ -188,7 +150,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             bad = int(cell[cell >= n][0]) if state is not None else int(cell[0])
             raise ValueError(
                 f"VRT id {V + bad} (<|VRT_{bad}|> global) is outside the batch's {n} image prototypes; convert VRT ids "
-                "to global ids for this batch's images (VisonTextProcessingClass.assign_to_global_vrt_id) and pass "
+                "to global ids for this batch's images (`VRTCodec.to_global`) and pass "
                 "the images (pixel_values) or the image state"
             )
         ok = state.allowed_cells(input_ids.shape[0])[rows, cell]
@@ -224,7 +186,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         is_main: bool = True,
         **kwargs: Any,
     ) -> PaDTCausalLMOutput | dict:
-        r"""PaDT forward. Same inputs as Qwen2.5-VL plus the image state of earlier calls.
+        r"""PaDT forward. Same inputs as the backbone plus the image state of earlier calls.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(B, L)`): text ids and *global* VRT ids (`V + j`).
@@ -239,11 +201,9 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         Returns:
             `PaDTCausalLMOutput` (see its docstring), or `vl_decode`'s dict when `is_main=False`.
         """
-        if not is_main:
-            given = dict(zip(_DECODE_ARG_NAMES, (input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)))
-            given = {k: v for k, v in given.items() if v is not None}
-            given.update({k: kwargs.pop(k) for k in _DECODE_ARG_NAMES if k in kwargs})
-            return self.vl_decode(**given, **kwargs)
+        if not is_main:  # the authors' trainer reaches vl_decode through forward
+            positionals = (input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+            return self.vl_decode(**legacy.vl_decode_arguments(positionals, kwargs))
         if pixel_values_videos is not None:
             raise ValueError("PaDT supports images only: VRTs point at image cells; pass videos as frames of images")
 
@@ -252,7 +212,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         state = padt_state
         if state is None and past_image_embeds is not None:
             batch = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
-            state = VRTImageState.from_legacy(
+            state = legacy.state_from_past(
                 past_image_embeds, past_logit_mask, past_high_res_image_embeds, past_visual_pe, V, batch
             )
         if pixel_values is not None and (state is None or state.image_embeds is None):
@@ -261,7 +221,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             state = self.encode_image_state(pixel_values, image_grid_thw, input_ids)
 
         embed = self.get_input_embeddings()
-        mm_encoder_outputs = None
+        image_embeds = None
         past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
         if inputs_embeds is None:
             if input_ids is None:
@@ -287,26 +247,26 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                         f"image-token count mismatch: {n_image_tokens} <|image_pad|> tokens for "
                         f"{image_embeds.shape[0]} merged image features"
                     )
-                mm_encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=(image_embeds,))}
             if mm_token_type_ids is None:
                 mm_token_type_ids = self.mm_token_type_ids_from(input_ids)
         elif state is not None and state.image_embeds is not None and pixel_values is not None:
             raise ValueError("with inputs_embeds, insert the image features yourself and pass no pixel_values")
 
-        if position_ids is None and past_len > 0 and self.model.rope_deltas is not None:
-            position_ids = self.decode_position_ids(inputs_embeds.shape[:2], past_len, attention_mask, inputs_embeds.device)
+        if position_ids is None and past_len > 0:
+            position_ids = self.manual_decode_position_ids(
+                inputs_embeds.shape[:2], past_len, attention_mask, inputs_embeds.device
+            )
 
-        outputs = self.model(
+        outputs = self.run_language_model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
+            image_embeds=image_embeds,
+            image_grid_thw=image_grid_thw if image_embeds is not None else None,
+            mm_token_type_ids=mm_token_type_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
-            image_grid_thw=image_grid_thw if mm_encoder_outputs is not None else None,
-            mm_token_type_ids=mm_token_type_ids,
-            second_per_grid_ts=second_per_grid_ts,
-            mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -334,50 +294,11 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            rope_deltas=self.legacy_rope_deltas(attention_mask) if past_len == 0 else None,
+            rope_deltas=self.output_rope_deltas(attention_mask) if past_len == 0 else None,
             last_hidden_state=hidden,
-            past_image_embeds=None if state is None else state.prototypes,
-            past_logit_mask=state.logit_mask(V, batch) if derived else None,
-            past_high_res_image_embeds=state.high_res_embeds if derived else None,
-            past_visual_pe=state.pos_embeds if derived else None,
+            **legacy.past_outputs(state, V, batch, derived),
             padt_state=state,
         )
-
-    # the authors' name for the LLM path
-    def forward_main(self, *args: Any, **kwargs: Any) -> PaDTCausalLMOutput:
-        return self.forward(*args, is_main=True, **kwargs)
-
-    def mm_token_type_ids_from(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """`(B, L)` int: 1 at image tokens, 2 at video tokens, else 0 (what the processor returns)."""
-        types = (input_ids == self.config.image_token_id).int()
-        return types + 2 * (input_ids == self.config.video_token_id).int()
-
-    def decode_position_ids(
-        self, shape: torch.Size, past_len: int, attention_mask: torch.Tensor | None, device: torch.device
-    ) -> torch.Tensor:
-        """M-RoPE positions `(3, B, L)` of `L` new text tokens after `past_len` cached ones (decode calls made by hand,
-        as the authors' API allows; `generate` passes its own): text position (pads not counted) + the prefill's delta.
-        """
-        batch, length = shape
-        if attention_mask is not None and attention_mask.ndim == 2:
-            text_pos = (attention_mask.long().cumsum(-1) - 1)[:, -length:].to(device)
-        else:
-            text_pos = torch.arange(past_len, past_len + length, device=device)[None, :].expand(batch, -1)
-        return (text_pos + self._rope_deltas_for(batch, device))[None].expand(3, -1, -1)
-
-    def _rope_deltas_for(self, batch: int, device: torch.device) -> torch.Tensor:
-        """The prefill's rope deltas `(batch, 1)`, repeat-interleaved when `generate` expanded the batch."""
-        deltas = self.model.rope_deltas.to(device)
-        return deltas if deltas.shape[0] == batch else deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
-
-    def legacy_rope_deltas(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Prefill M-RoPE deltas `(B, 1)` in the authors' (transformers-4.50) convention: the next token's position is
-        its padded index + delta. transformers 5.x stores them relative to unpadded positions instead."""
-        if self.model.rope_deltas is None or attention_mask is None or attention_mask.ndim != 2:
-            return self.model.rope_deltas
-        deltas = self._rope_deltas_for(attention_mask.shape[0], attention_mask.device)
-        pads = attention_mask.shape[1] - attention_mask.long().sum(1, keepdim=True)
-        return deltas - pads.to(deltas.device)
 
     @staticmethod
     def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -396,7 +317,7 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         visual_pes: tuple[torch.Tensor, torch.Tensor],
         **kwargs: Any,
     ) -> dict:
-        """Boxes, scores and masks per object (authors' API; spec 3.9).
+        """Boxes, scores and masks per object (the authors' API; docs/method.md#the-decoder).
 
         Args:
             object_vp_feats: per sample, per object, `(n_vrt, H)` features (hidden states that emitted the VRTs).
@@ -423,23 +344,20 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         """`GenerationMixin.generate` with PaDT's image state.
 
         The images are encoded once here; the state (prototypes, per-row logit mask, high-res features, rotary
-        embeddings) is passed to every step through `model_kwargs` and the KV cache, and returned (authors' attribute
-        names) when `return_dict_in_generate=True`, together with `vrt_hidden_states` (B, T_new, H), the final-norm
+        embeddings) is passed to every step through `model_kwargs` and the KV cache, and returned (as `padt_state`, and
+        under the authors' attribute names) when `return_dict_in_generate=True`, together with `vrt_hidden_states` (B, T_new, H), the final-norm
         state that predicted each generated token. Generated VRT ids are global (`V + j`).
         """
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         pixel_values = kwargs.pop("pixel_values", None)
         state = kwargs.pop("padt_state", None)
-        legacy = {k: kwargs.pop(k) for k in PADT_STATE_KWARGS if k in kwargs}
+        past = {k: kwargs.pop(k) for k in legacy.PAST_STATE_KWARGS if k in kwargs}
         if state is None and pixel_values is not None:
             if kwargs.get("image_grid_thw") is None:
                 raise ValueError("pixel_values were given without image_grid_thw")
             state = self.encode_image_state(pixel_values, kwargs["image_grid_thw"], input_ids)
-        elif state is None and legacy.get("past_image_embeds") is not None:
-            state = VRTImageState.from_legacy(
-                legacy["past_image_embeds"], legacy.get("past_logit_mask"), legacy.get("past_high_res_image_embeds"),
-                legacy.get("past_visual_pe"), self.config.vrt_base_id, input_ids.shape[0],
-            )
+        elif state is None and past.get("past_image_embeds") is not None:
+            state = legacy.state_from_past(**past, vocab_rows=self.config.vrt_base_id, batch_size=input_ids.shape[0])
         if input_ids is not None and kwargs.get("mm_token_type_ids") is None:
             kwargs["mm_token_type_ids"] = self.mm_token_type_ids_from(input_ids)
         if state is not None:
@@ -451,13 +369,9 @@ class PaDTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 state.generating = False
         if not isinstance(out, GenerateDecoderOnlyOutput):
             return out
-        V = self.config.vrt_base_id
         return PaDTGenerateOutput(
             **{k: v for k, v in out.items()},
-            past_image_embeds=None if state is None else state.prototypes,
-            past_logit_mask=None if state is None else state.logit_mask(V, out.sequences.shape[0]),
-            past_high_res_image_embeds=None if state is None else state.high_res_embeds,
-            past_visual_pe=None if state is None else state.pos_embeds,
+            **legacy.past_outputs(state, self.config.vrt_base_id, out.sequences.shape[0]),
             vrt_hidden_states=None if state is None else state.stacked_step_hidden(),
             padt_state=state,
         )

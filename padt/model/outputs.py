@@ -42,7 +42,7 @@ class PaDTCausalLMOutput(_FieldNamesOnce, ModelOutput):
         Next-token cross-entropy over text + VRT ids (fp32, label positions only), when `labels` are given.
     logits (`torch.FloatTensor` of shape `(B, L, V + N_cells)`):
         Scores over the text vocabulary (V rows) followed by the batch's prototypes (global VRT ids `V + j`); `-inf`
-        where a row may not emit (other samples' prototypes; spec 3.5, done per batch row).
+        where a row may not emit (other samples' prototypes; the authors' per-image mask, done per batch row).
     past_key_values (`Cache`, *optional*): the LLM's KV cache.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*): per-layer LLM states when `output_hidden_states=True`.
     attentions (`tuple(torch.FloatTensor)`, *optional*).

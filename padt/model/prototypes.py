@@ -1,4 +1,5 @@
-"""PaDT's dynamic embedding: visual prototypes, the extended input table and the extended classifier (spec 3.3-3.5).
+"""PaDT's dynamic embedding: visual prototypes, the extended input table and the extended classifier
+(docs/method.md#visual-reference-prototypes, #vrt-ids-and-the-extended-vocabulary).
 
 Instead of concatenating `[embed_tokens.weight; P]` at every call (the authors rebuild the full table twice per decode
 step), ids below V are embedded by the text table and ids >= V by gathering prototype rows; the classifier computes
@@ -13,8 +14,8 @@ from torch import nn
 
 
 class ZeroInitLayerNorm(nn.LayerNorm):
-    """LayerNorm whose weight and bias start at zero (`PaDTForConditionalGeneration._init_weights` zeroes both), so every
-    prototype is exactly 0 at initialisation (spec 3.3)."""
+    """LayerNorm whose weight and bias start at zero (`PaDTModelMixin._init_weights` zeroes both), so every prototype
+    is exactly 0 at initialisation (docs/method.md#visual-reference-prototypes)."""
 
 
 class VisualPrototypeProjection(nn.Module):
@@ -75,7 +76,8 @@ def extended_logits(
     vrt_bias: torch.Tensor | None = None,
     blocked_text_rows: slice | None = None,
 ) -> torch.Tensor:
-    """Logits over text ids and VRT ids, `-inf` where a row may not emit (spec 3.4-3.5).
+    """Logits over text ids and VRT ids, `-inf` where a row may not emit
+    (docs/method.md#vrt-ids-and-the-extended-vocabulary).
 
     Args:
         hidden (`torch.Tensor` of shape `(B, L, H)`): final-norm hidden states.

@@ -1,11 +1,12 @@
-"""Raw annotations -> PaDT training JSONL (the released format, spec section 8).
+"""Raw annotations -> PaDT training JSONL (the released format, docs/preprocessing.md).
 
 Library behind the scripts in ``src/preprocess/``: COCO (OVD), RefCOCO/+/g (REC/RES), RIC, and the converters for a
 user's own COCO-format or referring data. See docs/preprocessing.md.
 """
 
+from padt.io import iter_jsonl, load_json, write_jsonl
 from padt.preprocess.coco import CocoIndex, OVDOptions, load_coco_instances, ovd_records
-from padt.preprocess.common import GridSpec, Skip, iter_jsonl, load_json, write_jsonl
+from padt.preprocess.common import GridSpec, Skip
 from padt.preprocess.custom import referring_jsonl_records
 from padt.preprocess.refcoco import DEFAULT_SPLIT_BY, DEFAULT_SPLITS, refer_records
 from padt.preprocess.refer import ReferDataset, load_plain_pickle

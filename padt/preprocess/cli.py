@@ -1,16 +1,19 @@
-"""Argparse pieces shared by the scripts in ``src/preprocess/`` (defaults = the authors' values)."""
+"""What the scripts in ``src/preprocess/`` share: their option groups (defaults = the authors' values) and their
+skeleton (`script_parser`, `run_script`), so that each script says only its own options and what it converts."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import pickle
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from fractions import Fraction
-from pathlib import Path
 
+from padt.geometry.grids import GRID_MODES
 from padt.geometry.masks import FOREGROUND_RULES, ForegroundRule
-from padt.preprocess.common import GRID_MODES, GridSpec, write_jsonl
+from padt.io import write_json, write_jsonl
+from padt.preprocess.common import GridSpec
 from padt.preprocess.skips import SkipReport
 
 
@@ -37,7 +40,8 @@ def add_grid_args(parser: argparse.ArgumentParser) -> None:
 
 
 def grid_from_args(args: argparse.Namespace) -> GridSpec:
-    return GridSpec(args.patch_size, args.merge_size, args.grid, args.min_pixels, args.max_pixels)
+    return GridSpec(args.patch_size, args.merge_size, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                    mode=args.grid)
 
 
 def add_rule_args(parser: argparse.ArgumentParser, task: str) -> None:
@@ -61,24 +65,6 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                              "counted), and missing height/width are read from the files")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--report-json", default=None, help="also write the counts of every run to this JSON file")
-
-
-def write_split(records: Iterable[dict], output: Path, report: SkipReport, title: str) -> None:
-    """Write one output file and print its report to stderr."""
-    write_jsonl(records, output)
-    print(report.format(f"{title} -> {output}"), file=sys.stderr)
-
-
-def finish(reports: dict[str, SkipReport], args: argparse.Namespace) -> int:
-    """Optional JSON report; exit status 1 (with a message) if nothing at all was written."""
-    if args.report_json:
-        Path(args.report_json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.report_json, "w", encoding="utf-8") as f:
-            json.dump({name: r.to_dict() for name, r in reports.items()}, f, indent=2)
-    if reports and all(r.written == 0 for r in reports.values()):
-        print("error: no record was written; see the skip counts above", file=sys.stderr)
-        return 1
-    return 0
 
 
 def add_ovd_args(parser: argparse.ArgumentParser) -> None:
@@ -108,10 +94,57 @@ def ovd_options_from_args(args: argparse.Namespace, shuffle: bool):
     )
 
 
-INPUT_ERRORS = (FileNotFoundError, ValueError, TypeError, OSError)
+# --------------------------------------------------------------------------- the script skeleton
+# a missing file, malformed JSON / pickle, or a bad option value: exit status 2 with the message, no traceback
+INPUT_ERRORS = (FileNotFoundError, ValueError, TypeError, OSError, pickle.UnpicklingError)
+
+Convert = Callable[[argparse.Namespace, GridSpec, ForegroundRule, dict[str, SkipReport]], None]
 
 
-def report_input_error(err: Exception) -> int:
-    """Print an input error (missing file, malformed JSON/pickle) without a traceback; exit status 2."""
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+def script_parser(doc: str | None, add_own_args: Callable[[argparse.ArgumentParser], None], rule_task: str, *,
+                  ovd: bool = False) -> argparse.ArgumentParser:
+    """The parser of a preprocessing script: ``doc`` (its module docstring) as the description, shown as written;
+    the script's own options (``add_own_args``) first, then the shared groups: the OVD prompt options (``ovd``),
+    the merged grid, the foreground rule of ``rule_task`` (a key of `FOREGROUND_RULES`) and the run options."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_own_args(parser)
+    if ovd:
+        add_ovd_args(parser)
+    add_grid_args(parser)
+    add_rule_args(parser, rule_task)
+    add_run_args(parser)
+    return parser
+
+
+def write_split(records: Iterable[dict], output: str | os.PathLike, report: SkipReport, title: str) -> None:
+    """Write one output file and print its report to stderr."""
+    write_jsonl(records, output)
+    print(report.format(f"{title} -> {output}"), file=sys.stderr)
+
+
+def finish(reports: dict[str, SkipReport], args: argparse.Namespace) -> int:
+    """Optional JSON report; exit status 1 (with a message) if nothing at all was written."""
+    if args.report_json:
+        write_json({name: r.to_dict() for name, r in reports.items()}, args.report_json, indent=2)
+    if reports and all(r.written == 0 for r in reports.values()):
+        print("error: no record was written; see the skip counts above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_script(parser: argparse.ArgumentParser, convert: Convert, argv: list[str] | None = None) -> int:
+    """The ``main`` of a preprocessing script: parse ``argv``, build the grid and the foreground rule, call
+    ``convert(args, grid, rule, reports)`` (it writes its files with `write_split` and puts one `SkipReport` per
+    file into ``reports``), then `finish`.
+
+    Returns the exit status: 0; 1 when no record at all was written; 2 for an input error (`INPUT_ERRORS`), printed
+    as ``error: <message>`` without a traceback.
+    """
+    args = parser.parse_args(argv)
+    reports: dict[str, SkipReport] = {}
+    try:
+        convert(args, grid_from_args(args), rule_from_args(args), reports)
+    except INPUT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return finish(reports, args)

@@ -18,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from padt.geometry.masks import ForegroundRule
-from padt.preprocess.common import GridSpec, Skip, image_size, load_json
+from padt.io import load_json
+from padt.preprocess.common import GridSpec, Skip, image_size
 from padt.preprocess.objects import object_from_annotation
 from padt.preprocess.skips import SkipReport
 from padt.preprocess.templates import TASK_OVD, make_record, ovd_answer, ovd_prompt

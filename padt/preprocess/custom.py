@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from tqdm import tqdm
 
 from padt.geometry.masks import ForegroundRule
-from padt.preprocess.common import GridSpec, Skip, image_size, iter_jsonl
+from padt.io import iter_jsonl
+from padt.preprocess.common import GridSpec, Skip, image_size
 from padt.preprocess.objects import object_from_geometry
 from padt.preprocess.refcoco import referring_record
 from padt.preprocess.skips import SkipReport
@@ -70,7 +71,8 @@ def referring_jsonl_records(
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
     for lineno, row in tqdm(iter_jsonl(path, "referring JSONL"), desc="referring", unit="line", disable=not progress):
-        n = len(row.get("sentences", [None])) if isinstance(row, dict) and isinstance(row.get("sentences"), list) else 1
+        sentences = row.get("sentences") if isinstance(row, dict) else None
+        n = len(sentences) if isinstance(sentences, list) else 1
         try:
             if not isinstance(row, dict):
                 raise Skip("line is not a JSON object")

@@ -105,7 +105,8 @@ def object_from_annotation(
     ann: dict, *, height: int, width: int, grid_hw: tuple[int, int], grid: GridSpec, rule: ForegroundRule,
     label: str, report: SkipReport | None = None,
 ) -> tuple[dict | None, str | None]:
-    """A COCO annotation dict (``segmentation``, ``bbox``, ``iscrowd``, ``area``) -> (object, None) or (None, reason)."""
+    """A COCO annotation dict (``segmentation``, ``bbox``, ``iscrowd``, ``area``) -> (object, None) or
+    (None, reason)."""
     return object_from_geometry(
         segmentation=ann.get("segmentation"), bbox_xywh=ann.get("bbox"), height=height, width=width,
         grid_hw=grid_hw, grid=grid, rule=rule, label=label, iscrowd=ann.get("iscrowd", 0),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from padt.preprocess.common import load_json, require_file
+from padt.io import load_json, require_file
 
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 

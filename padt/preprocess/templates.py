@@ -1,4 +1,5 @@
-"""Prompt and answer templates of the three PaDT tasks (spec section 7), and the JSONL record layout (section 8).
+"""Prompt and answer templates of the three PaDT tasks (docs/method.md#tasks-and-prompts), and the JSONL record layout
+(docs/preprocessing.md).
 
 Training targets replace each ``<|Obj_k|>`` placeholder of ``answer_template`` with object k's sampled VRTs.
 """

@@ -1,8 +1,51 @@
-"""Text side of PaDT: VRT id arithmetic (`vrt`), the processors (`processor`), completion parsing (`parsing`) and
-generation helpers (`generation`).
+"""Text side of PaDT: VRT id arithmetic (`vrt`), Qwen processor construction and image helpers (`qwen`), the VRT-aware
+processor (`processor`), completion parsing (`parsing`), the decoder's feature gathering (`features`) and generation
+helpers (`generation`).
 
-The processor module's names are re-exported here, so the drop-ins documented in the README keep their import path:
-`from padt.processing import process_vision_info, smart_resize, build_qwen_processor, ...`.
+The names below keep their import path ``padt.processing`` (the drop-ins documented in the README among them:
+``from padt.processing import process_vision_info, smart_resize, build_qwen_processor, ...``). They are imported
+lazily (PEP 562), so that ``padt.processing.vrt`` and ``padt.processing.parsing`` stay light, and so that the authors'
+`VisonTextProcessingClass` (in `padt.legacy`, which imports the model) can be re-exported here without an import cycle.
 """
 
-from padt.processing.processor import *  # noqa: F401,F403
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    # padt's processor and its checks
+    "PaDTProcessor": "padt.processing.processor",
+    "check_vrt_base": "padt.processing.processor",
+    "PADT_PROCESSOR_FILE": "padt.processing.processor",
+    "VRT_PLACEHOLDER_CANDIDATES": "padt.processing.processor",
+    # Qwen processor construction, torchvision-free
+    "ImageOnlyQwen2_5_VLProcessor": "padt.processing.qwen",
+    "build_qwen_processor": "padt.processing.qwen",
+    "load_processor": "padt.processing.qwen",
+    "torchvision_available": "padt.processing.qwen",
+    # drop-ins for qwen_vl_utils
+    "load_image": "padt.processing.qwen",
+    "fetch_image": "padt.processing.qwen",
+    "process_vision_info": "padt.processing.qwen",
+    "smart_resize": "padt.geometry.grids",
+    # VRT ids
+    "VRTCodec": "padt.processing.vrt",
+    "pid2vrt": "padt.processing.vrt",
+    # the authors' wrapper [sic]
+    "VisonTextProcessingClass": "padt.legacy",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'padt.processing' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

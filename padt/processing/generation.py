@@ -1,11 +1,12 @@
 """Generation helper: distinct VRTs within one object's run of VRT tokens.
 
-PaDT is trained on 5 *different* foreground cells per object (spec 9.5), and the robust CE hides the object's other
-cells at every VRT target, so nothing teaches the LLM to avoid repeating a cell. Greedy decoding therefore often emits
-the same `<|VRT_k|>` five times (68 % of the shipped shapes model's REC answers), and the decoder then sees five copies
-of one cell feature, unlike in training. `DistinctVRTLogitsProcessor` forbids the VRT ids already emitted in the
-current run of consecutive VRT tokens, so an object's VRTs are distinct cells as in training. It is opt-in
-(`PaDTPredictor(distinct_vrts=True)`, `eval/evaluate.py --distinct-vrts`); the authors decode without it.
+PaDT is trained on 5 *different* foreground cells per object (docs/method.md#the-training-step-and-losses), and the
+robust CE hides the object's other cells at every VRT target, so nothing teaches the LLM to avoid repeating a cell.
+Greedy decoding therefore often emits the same `<|VRT_k|>` five times (68 % of the shipped shapes model's REC
+answers), and the decoder then sees five copies of one cell feature, unlike in training. `DistinctVRTLogitsProcessor`
+forbids the VRT ids already emitted in the current run of consecutive VRT tokens, so an object's VRTs are distinct
+cells as in training. It is opt-in (`PaDTPredictor(distinct_vrts=True)`, `eval/evaluate.py --distinct-vrts`); the
+authors decode without it.
 """
 
 from __future__ import annotations

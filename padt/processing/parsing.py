@@ -1,6 +1,8 @@
-"""Completion parsing: token ids -> objects (label, VRT cells, positions), and the authors' entry point.
+"""Completion parsing: token ids -> objects (label, VRT cells, positions).
 
-Grammar (spec 6.2/7, with the fixes of spec 12.5/12.14):
+Grammar (docs/method.md#parsing-completions; the answer formats are docs/method.md#tasks-and-prompts). It fixes the
+authors' ``parseVRTintoCompletion`` (``src/PaDT/models/padt_processor.py``) where it lost objects or leaked labels
+(docs/method.md#where-padt-differs-from-the-authors-code):
 
 - Parsing stops at the first eos id; a truncated completion yields the objects parsed so far.
 - A maximal run of consecutive VRT ids (``id >= V``, pure arithmetic) is one object.
@@ -14,6 +16,9 @@ Grammar (spec 6.2/7, with the fixes of spec 12.5/12.14):
 
 Speed: one precomputed id -> bytes table (`build_token_table`) replaces per-token decode calls; VRT detection is
 ``id >= V``; text is only joined between runs. See ``bench/bench_parse.py``.
+
+The objects' decoder inputs are gathered by `padt.processing.features`; the authors' entry point
+``parseVRTintoCompletion`` is in `padt.legacy`.
 """
 
 from __future__ import annotations
@@ -23,10 +28,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from padt.processing.vrt import VRTCodec, local_to_global_cells, pid2vrt
+from padt.processing.vrt import pid2vrt
 
 _SEPARATORS = b" \t\r\n,"
 
@@ -277,188 +281,3 @@ def _make_parser(vrt_base_id, eos_token_id, token_table, decode_fn) -> Completio
         raise ValueError("pass token_table (build_token_table(tokenizer, V)) or decode_fn")
     return CompletionParser(token_table if token_table is not None else _LazyTable(decode_fn), vrt_base_id,
                             eos_token_id)
-
-
-# ============================================================================ features
-_CPU_GRAIN = 32768  # torch runs CPU ops on more elements than this in its thread pool
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32)
-
-
-def _numpy_ok(*tensors: torch.Tensor) -> bool:
-    """CPU tensors without autograd: gather them with numpy, single-threaded. torch's 2-thread parallel copies of
-    a few hundred rows cost milliseconds on a contended CPU (thread wake-ups), numpy takes microseconds."""
-    return all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not (t.requires_grad and torch.is_grad_enabled())
-               for t in tensors)
-
-
-def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """``x[rows]`` for a 2-D ``x`` `(N, H)` -> `(len(rows), H)`."""
-    if _numpy_ok(x):
-        return torch.from_numpy(x.detach().numpy()[rows] if rows else x.detach().numpy()[:0].copy())
-    return x.index_select(0, torch.tensor(rows, dtype=torch.long, device=x.device))
-
-
-def gather_object_features(
-    hidden_states: torch.Tensor,
-    objects: Sequence[Sequence[ParsedObject]],
-    position_offset: int | Sequence[int] = 0,
-) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Decoder inputs from hidden states, packed.
-
-    Args:
-        hidden_states (`torch.Tensor` of shape `(B, T, H)`): e.g. last-layer states.
-        objects: per row, its parsed objects.
-        position_offset (`int` or one per row): feature of completion token ``p`` is ``hidden_states[b, off + p]``.
-            Use 0 for stacked generation states (step ``t`` predicted token ``t``) and ``prompt_len - 1`` for a
-            teacher-forced forward over prompt + completion (the position that *predicts* each VRT).
-
-    Returns:
-        ``(features (sum n_vrt, H), vrt_lengths (N_obj,), sample_idx (N_obj,))``; split per object with
-        ``features.split(vrt_lengths)``. Gradients flow to ``hidden_states``.
-    """
-    if hidden_states.dim() != 3:
-        raise ValueError(f"hidden_states must be (B, T, H), got {tuple(hidden_states.shape)}")
-    B, T, _ = hidden_states.shape
-    if len(objects) != B:
-        raise ValueError(f"objects has {len(objects)} rows but hidden_states has {B}")
-    offs = [int(position_offset)] * B if isinstance(position_offset, int) else [int(o) for o in position_offset]
-    rows, cols, lengths, sample_idx = [], [], [], []
-    for b, objs in enumerate(objects):
-        off = offs[b]
-        for obj in objs:
-            pos = obj.positions
-            if pos and (min(pos) + off < 0 or max(pos) + off >= T):
-                raise ValueError(f"row {b}: object positions {pos} + offset {off} fall outside T={T}")
-            cols.extend([p + off for p in pos] if off else pos)
-            rows.extend([b] * len(pos))
-            lengths.append(len(pos))
-            sample_idx.append(b)
-    if _numpy_ok(hidden_states):
-        array = hidden_states.detach().numpy()
-        return torch.from_numpy(array[rows, cols] if rows else array[0, :0].copy()), lengths, sample_idx
-    # index_select on the flattened view: advanced indexing is far slower on small CPU batches
-    flat = torch.tensor([r * T + c for r, c in zip(rows, cols)], dtype=torch.long, device=hidden_states.device)
-    return hidden_states.reshape(B * T, -1).index_select(0, flat), lengths, sample_idx
-
-
-def gather_object_prototypes(
-    prototypes: torch.Tensor,
-    objects: Sequence[Sequence[ParsedObject]],
-    image_grid_thw: torch.Tensor,
-    codec: VRTCodec,
-    image_sample_idx: torch.Tensor | Sequence[int] | None = None,
-) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Prototype rows of the objects' VRT cells, packed like `gather_object_features`.
-
-    ``prototypes`` `(sum cells, H)` is the batch's VRT table (images in order); local ids of a row with several
-    images are numbered across them. `ValueError` for a cell outside its row's images.
-    """
-    ranges = codec.row_cell_ranges(len(objects), image_grid_thw, image_sample_idx)
-    flat, lengths, sample_idx = [], [], []
-    for b, objs in enumerate(objects):
-        for obj in objs:
-            try:
-                flat.extend(local_to_global_cells(ranges[b], obj.vrt_ids))
-            except ValueError as err:
-                raise ValueError(f"row {b}: {err}") from None
-            lengths.append(len(obj.vrt_ids))
-            sample_idx.append(b)
-    return _take_rows(prototypes, flat), lengths, sample_idx
-
-
-# ============================================================================ the authors' entry point
-def _generation_rows(hidden_states, steps: list[int]) -> torch.Tensor:
-    """Last-layer state of the last position of each step: `(B, len(steps), H)` from the ``[step][layer]`` layout."""
-    last = [hidden_states[t][-1] for t in steps]  # each (B, L_t, H)
-    B, H = last[0].shape[0], last[0].shape[-1]
-    if B * len(last) * H > _CPU_GRAIN and _numpy_ok(last[0]):  # large: avoid torch's threaded copy (see _numpy_ok)
-        return torch.from_numpy(np.concatenate([x.detach().numpy()[:, -1:] for x in last], axis=1))
-    return torch.cat([x if x.shape[1] == 1 else x[:, -1:] for x in last], dim=1)
-
-
-def parseVRTintoCompletion(  # the authors' public name
-    processor,
-    completion_ids,
-    hidden_states,
-    need_thinking_mask=None,
-    image_prototype: torch.Tensor | None = None,
-    image_grid_thw: torch.Tensor | None = None,
-    *,
-    image_sample_idx: torch.Tensor | Sequence[int] | None = None,
-):
-    """The authors' parser entry point (spec 6.2) on top of `CompletionParser`.
-
-    Args:
-        processor: `VisonTextProcessingClass` or `PaDTProcessor` (gives V, the merge size and the tokenizer).
-        completion_ids (`torch.LongTensor` of shape `(B, T)`): generated ids with **local** VRT ids.
-        hidden_states: generation layout ``[step][layer]`` of `(B, L_t, H)` tensors (feature of completion token
-            ``t`` = ``hidden_states[t][-1][b][-1]``), or a `(B, T, H)` tensor already aligned, or None.
-        need_thinking_mask: per row, parse only inside ``<answer>...</answer>``. **None means all False** (the
-            original defaulted to True, which every caller overrode).
-        image_prototype (`torch.Tensor` of shape `(sum cells, H)`) and image_grid_thw `(N, 3)`: if both given,
-            ``vrts_feats`` holds each object's prototype rows, and VRT cells outside the row's images are dropped
-            with a warning.
-        image_sample_idx: row of each image (default: image ``i`` is row ``i``).
-
-    Returns:
-        ``(completions, feats, labels, vrts, vrts_feats)``, each a list per row: the decoded completion (special
-        tokens and padding included), per object a `(n_vrt, H)` feature tensor (None without hidden states),
-        label, concatenated VRT string, and prototype rows (None unless requested). Never raises on malformed
-        output; objects parsed before a truncation are kept.
-    """
-    vrt_base = getattr(processor, "vrt_base_id", None) or getattr(processor, "model_embed_token_size", None)
-    if vrt_base is None:
-        raise TypeError(f"processor must be a VisonTextProcessingClass or PaDTProcessor (it gives the VRT base id), "
-                        f"got {type(processor).__name__}")
-    merge = getattr(processor, "spatial_merge_size", None) or processor.image_processor.merge_size
-    parser = getattr(processor, "completion_parser", None)
-    if parser is None:
-        parser = CompletionParser.from_tokenizer(processor.tokenizer, vrt_base)
-    rows = completion_ids.tolist() if torch.is_tensor(completion_ids) else [list(r) for r in completion_ids]
-    if rows and isinstance(rows[0], int):
-        rows = [rows]
-    B = len(rows)
-    need = [False] * B if need_thinking_mask is None else [bool(x) for x in need_thinking_mask]
-    n_steps = None
-    if hidden_states is not None:
-        n_steps = hidden_states.shape[1] if torch.is_tensor(hidden_states) else len(hidden_states)
-    ranges = None
-    if image_prototype is not None and image_grid_thw is not None:
-        ranges = VRTCodec(vrt_base, merge).row_cell_ranges(B, image_grid_thw, image_sample_idx)
-    completions, objects = [], []
-    for b, ids in enumerate(rows):
-        completions.append(parser.decode(ids))
-        if n_steps is not None and len(ids) > n_steps:
-            warnings.warn(f"row {b}: {len(ids)} completion ids but hidden states for {n_steps} steps; "
-                          f"parsing the first {n_steps}", stacklevel=2)
-            ids = ids[:n_steps]
-        cells = None if ranges is None else sum(c for _, c in ranges[b])
-        objects.append(parser.parse(ids, need_thinking=need[b], num_cells=cells))
-    labels = [[o.label for o in objs] for objs in objects]
-    vrts = [[o.vrt_text for o in objs] for objs in objects]
-    feats = [[None] * len(objs) for objs in objects]
-    if hidden_states is not None and any(objects):
-        if torch.is_tensor(hidden_states):
-            packed, lengths, _ = gather_object_features(hidden_states, objects)
-        else:  # gather only the VRT steps, then index them all at once
-            steps = sorted({p for objs in objects for o in objs for p in o.positions})
-            where = {t: i for i, t in enumerate(steps)}
-            stacked = _generation_rows(hidden_states, steps)  # (B, S, H)
-            packed, lengths, _ = gather_object_features(
-                stacked, [[ParsedObject(o.label, o.vrt_ids, [where[p] for p in o.positions], o.text_span)
-                           for o in objs] for objs in objects])
-        feats = _unpack(packed.split(lengths), objects)
-    vrts_feats = [[None] * len(objs) for objs in objects]
-    if ranges is not None and any(objects):
-        flat = [g for b, objs in enumerate(objects) for o in objs for g in local_to_global_cells(ranges[b], o.vrt_ids)]
-        packed = _take_rows(image_prototype, flat)
-        vrts_feats = _unpack(packed.split([len(o.vrt_ids) for objs in objects for o in objs]), objects)
-    return completions, feats, labels, vrts, vrts_feats
-
-
-def _unpack(pieces: Sequence[torch.Tensor], objects: Sequence[Sequence[ParsedObject]]) -> list[list[torch.Tensor]]:
-    out, i = [], 0
-    for objs in objects:
-        out.append(list(pieces[i : i + len(objs)]))
-        i += len(objs)
-    return out

@@ -1,7 +1,10 @@
-"""Processors: the authors' `VisonTextProcessingClass` [sic], our `PaDTProcessor`, Qwen processor construction.
+"""The VRT-aware text layer (`VRTTextMixin`) and `PaDTProcessor`, padt's processor around a Qwen2.5-VL processor.
 
-**VRT text <-> ids (design choice).** VRT ids are arithmetic (`padt.processing.vrt`): `<|VRT_k|>` is id ``V + k`` with ``V``
-the model's embedding rows. We do **not** add `<|VRT_i|>` (or `<|empty_token_i|>`) strings to the tokenizer, so it
+The authors' wrapper `VisonTextProcessingClass` [sic] shares the text layer and lives in `padt.legacy`; building and
+loading the wrapped Qwen processor is `padt.processing.qwen`.
+
+**VRT text <-> ids (design choice).** VRT ids are arithmetic (`padt.processing.vrt`,
+docs/method.md#vrt-ids-and-the-extended-vocabulary): `<|VRT_k|>` is id ``V + k`` with ``V`` the model's embedding rows. We do **not** add `<|VRT_i|>` (or `<|empty_token_i|>`) strings to the tokenizer, so it
 is never mutated, never persists thousands of extra entries, and ids never depend on the tokenizer's length
 (adding 16k tokens is no longer slow with tokenizers 0.23, 0.07 s measured; but the authors' way also needs
 `<|empty_token_*|>` padding up to V and grows the saved tokenizer):
@@ -23,220 +26,20 @@ A tokenizer saved by the authors' trainer may already hold `<|empty_token_*|>`/`
 
 from __future__ import annotations
 
-import base64
-import functools
 import json
-import math
 import os
 from collections.abc import Sequence
-from io import BytesIO
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from transformers import BatchFeature, Qwen2_5_VLProcessor
+from transformers import BatchFeature
 
+from padt.processing.qwen import load_image, load_processor
 from padt.processing.vrt import VRT_TOKEN_PATTERN, VRTCodec, image_sample_idx_from_counts, pid2vrt
 
 VRT_PLACEHOLDER_CANDIDATES = ("<|vision_pad|>", "<|quad_start|>", "<|quad_end|>")
 PADT_PROCESSOR_FILE = "padt_processor.json"
-
-
-@functools.lru_cache(maxsize=1)
-def torchvision_available() -> bool:
-    """True when torchvision imports (a wheel built for another torch fails with RuntimeError at import)."""
-    try:
-        import torchvision  # noqa: F401
-    except (ImportError, RuntimeError, OSError):
-        return False
-    return True
-
-
-# ============================================================================ Qwen processor construction
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """`Qwen2_5_VLProcessor` without a video processor, so it builds without torchvision.
-
-    transformers 5.23 refuses ``video_processor=None`` (its class check needs the torchvision video processor);
-    dropping the argument from ``__init__`` removes it from ``get_attributes()``. Saved files name the real
-    `Qwen2_5_VLProcessor`, so a saved directory loads with `AutoProcessor` wherever torchvision exists.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                         chat_template=chat_template, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["processor_class"] = Qwen2_5_VLProcessor.__name__
-        # a video processor entry with the image geometry (class defaults for the rest), so that the saved
-        # directory also loads as the full processor where torchvision exists
-        ip = self.image_processor
-        keys = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor")
-        video = {k: getattr(ip, k) for k in keys if getattr(ip, k, None) is not None}
-        out.setdefault("video_processor", {"video_processor_type": "Qwen2VLVideoProcessor", **video})
-        return out
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        out = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        self.tokenizer._set_processor_class(Qwen2_5_VLProcessor.__name__)
-        path = os.path.join(save_directory, "tokenizer_config.json")
-        if os.path.isfile(path):  # the tokenizer was saved with this subclass' name; name the real class
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
-            cfg["processor_class"] = Qwen2_5_VLProcessor.__name__
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(cfg, f, indent=2, ensure_ascii=False)
-        return out
-
-
-def build_qwen_processor(
-    tokenizer,
-    *,
-    min_pixels: int,
-    max_pixels: int,
-    patch_size: int = 14,
-    spatial_merge_size: int = 2,
-    temporal_patch_size: int = 2,
-    chat_template: str | None = None,
-):
-    """A Qwen2.5-VL processor around ``tokenizer``.
-
-    With torchvision: the real `Qwen2_5_VLProcessor` (torchvision image backend + `Qwen2VLVideoProcessor`).
-    Without: `ImageOnlyQwen2_5_VLProcessor` with `Qwen2VLImageProcessorPil`. Pixels and grids agree between the two.
-    """
-    geometry = {"patch_size": patch_size, "temporal_patch_size": temporal_patch_size, "merge_size": spatial_merge_size}
-    size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
-    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-    if torchvision_available():
-        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-        return Qwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessor(size=size, **geometry),
-            tokenizer=tokenizer,
-            video_processor=Qwen2VLVideoProcessor(**geometry),
-            chat_template=template,
-        )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return ImageOnlyQwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(size=size, **geometry), tokenizer=tokenizer, chat_template=template
-    )
-
-
-def load_processor(path: str | os.PathLike, **kwargs):
-    """Load a saved Qwen2.5-VL processor dir (tokenizer files + preprocessor_config.json + chat template).
-
-    Uses `Qwen2_5_VLProcessor` (video processor from its config or defaults) when torchvision imports, else
-    `ImageOnlyQwen2_5_VLProcessor` with the PIL image backend. ``kwargs`` go to ``from_pretrained``.
-    """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"{path!r} is not a directory (a saved processor directory is expected; no hub access)")
-    if torchvision_available():
-        return Qwen2_5_VLProcessor.from_pretrained(path, **kwargs)
-    return ImageOnlyQwen2_5_VLProcessor.from_pretrained(path, **kwargs)
-
-
-# ============================================================================ PIL-only image helpers
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int | None = None,
-                 max_pixels: int | None = None, max_ratio: float = 200.0) -> tuple[int, int]:
-    """Qwen's resize rule: sides multiples of ``factor`` (= patch * merge), pixels in [min, max], ratio kept.
-
-    Defaults follow qwen_vl_utils: ``min_pixels = 4 * factor**2``, ``max_pixels = 16384 * factor**2``.
-    """
-    min_pixels = 4 * factor**2 if min_pixels is None else int(min_pixels)
-    max_pixels = 16384 * factor**2 if max_pixels is None else int(max_pixels)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got height={height}, width={width}")
-    if max_pixels < min_pixels:
-        raise ValueError(f"max_pixels ({max_pixels}) must be >= min_pixels ({min_pixels})")
-    if max(height, width) / min(height, width) > max_ratio:
-        raise ValueError(f"aspect ratio must be <= {max_ratio}, got {max(height, width) / min(height, width):.1f}")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
-    """PIL image, path, ``file://`` path, ``data:image/...;base64,`` URI or http(s) URL -> RGB PIL image.
-
-    Transparent images are composited on white (as qwen_vl_utils does).
-    """
-    if isinstance(image, Image.Image):
-        img = image
-    elif isinstance(image, (str, os.PathLike)):
-        src = os.fspath(image)
-        if src.startswith(("http://", "https://")):
-            from urllib.request import urlopen
-
-            with urlopen(src) as resp:  # a user-supplied URL, as in qwen_vl_utils
-                img = Image.open(BytesIO(resp.read()))
-        elif src.startswith("data:image"):
-            if "base64," not in src:
-                raise ValueError("data URI images must be base64-encoded ('data:image/...;base64,...')")
-            img = Image.open(BytesIO(base64.b64decode(src.split("base64,", 1)[1])))
-        else:
-            img = Image.open(src.removeprefix("file://"))
-        img.load()
-    else:
-        raise TypeError(f"expected a PIL image, a path or a URL, got {type(image).__name__}")
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.split()[3])
-        return background
-    return img.convert("RGB")
-
-
-def fetch_image(ele: dict, image_patch_size: int = 14, spatial_merge_size: int = 2) -> Image.Image:
-    """PIL-only equivalent of ``qwen_vl_utils.fetch_image``: load ``ele["image"]`` (or ``"image_url"``), resize.
-
-    Honours ``resized_height``/``resized_width`` or ``min_pixels``/``max_pixels`` in ``ele``; the size factor is
-    ``image_patch_size * spatial_merge_size``.
-    """
-    if "image" not in ele and "image_url" not in ele:
-        raise ValueError(f"message element has no 'image' or 'image_url': {sorted(ele)}")
-    img = load_image(ele["image"] if "image" in ele else ele["image_url"])
-    factor = image_patch_size * spatial_merge_size
-    if "resized_height" in ele and "resized_width" in ele:
-        h, w = smart_resize(int(ele["resized_height"]), int(ele["resized_width"]), factor,
-                            ele.get("min_pixels"), ele.get("max_pixels"))
-    else:
-        h, w = smart_resize(img.height, img.width, factor, ele.get("min_pixels"), ele.get("max_pixels"))
-    return img.resize((w, h))
-
-
-def process_vision_info(conversations: list, return_video_kwargs: bool = False, image_patch_size: int = 14):
-    """Drop-in for ``qwen_vl_utils.process_vision_info`` for images (no torchvision): ``(images or None, None)``.
-
-    ``conversations`` is one message list or a list of them. Videos raise `ValueError` (they need qwen_vl_utils
-    and torchvision). With ``return_video_kwargs=True`` an empty dict is returned third, as qwen_vl_utils does.
-    """
-    convs = conversations if conversations and isinstance(conversations[0], list) else [conversations]
-    images = []
-    for conv in convs:
-        for message in conv:
-            content = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(content, list):
-                continue
-            for ele in content:
-                if not isinstance(ele, dict):
-                    continue
-                if "video" in ele or ele.get("type") == "video":
-                    raise ValueError("video inputs need qwen_vl_utils and torchvision; padt's fallback handles images")
-                if "image" in ele or "image_url" in ele or ele.get("type") in ("image", "image_url"):
-                    images.append(fetch_image(ele, image_patch_size=image_patch_size))
-    out = (images or None, None)
-    return (*out, {}) if return_video_kwargs else out
 
 
 # ============================================================================ VRT-aware text layer
@@ -265,7 +68,7 @@ def check_vrt_base(tokenizer, vrt_base_id: int) -> None:
                              "it would collide with VRT ids (is vrt_base_id the model's embedding rows?)")
 
 
-class _VRTTextMixin:
+class VRTTextMixin:
     """encode/decode/processor-call with arithmetic VRT ids. Needs ``self.tokenizer``, ``self.vrt_base_id``."""
 
     _processor: Any
@@ -391,71 +194,13 @@ class _VRTTextMixin:
         return rows[0] if flat else rows
 
 
-def _detect_vrt_base(tokenizer) -> int | None:
+def detect_vrt_base(tokenizer) -> int | None:
     vrt0 = [i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "content", str(t)) == "<|VRT_0|>"]
     return vrt0[0] if vrt0 else None
 
 
-# ============================================================================ authors' wrapper
-class VisonTextProcessingClass(_VRTTextMixin):
-    """The authors' processor wrapper [sic], same public methods, without their side effects.
-
-    Differences from the original: no tokens are ever added (``prepare`` only records V and checks the tokenizer),
-    ``assign_to_*_vrt_id`` return new tensors instead of editing their input in place (use the return value),
-    and rows with several images or none work (``image_sample_idx``). Unknown attributes are delegated to the
-    wrapped processor (``apply_chat_template``, ``tokenizer``, ``save_pretrained``, ...).
-
-    Args:
-        processing_class: a Qwen2.5-VL processor (e.g. from `load_processor` or `AutoProcessor`).
-        spatial_merge_size (`int`): patches merged per cell side (``model.config.vision_config.spatial_merge_size``).
-    """
-
-    def __init__(self, processing_class, spatial_merge_size: int = 2):
-        self.__dict__["_processor"] = processing_class
-        self.processing_class = processing_class
-        self.spatial_merge_size = int(spatial_merge_size)
-        detected = _detect_vrt_base(processing_class.tokenizer)
-        self.model_embed_token_size = detected if detected is not None else len(processing_class.tokenizer)
-        self.image_grid_thw = None
-
-    @property
-    def vrt_base_id(self) -> int:
-        return self.model_embed_token_size
-
-    def prepare(self, n: int) -> None:
-        """Set V = ``n`` (the model's embedding rows, ``model.get_input_embeddings().weight.shape[0]``).
-
-        Checks the tokenizer against it (`ValueError` on a mismatch); adds no tokens.
-        """
-        check_vrt_base(self.tokenizer, int(n))
-        self.model_embed_token_size = int(n)
-
-    def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
-        out = self._call_processor(images=images, text=text, videos=videos, **kwargs)
-        if "image_grid_thw" in out:
-            self.set_image_grid_thw(out["image_grid_thw"])
-        return out
-
-    def set_image_grid_thw(self, image_grid_thw) -> None:
-        """Record the last image grids (the original also added VRT tokens here; ids are arithmetic now)."""
-        self.image_grid_thw = image_grid_thw
-
-    def assign_to_global_vrt_id(self, ids: torch.Tensor, image_grid_thw, image_sample_idx=None) -> torch.Tensor:
-        """Local -> global VRT ids, as a **new** tensor (`VRTCodec.to_global`)."""
-        return self.codec.to_global(ids, image_grid_thw, image_sample_idx)
-
-    def assign_to_local_vrt_id(self, ids: torch.Tensor, image_grid_thw, image_sample_idx=None) -> torch.Tensor:
-        """Global -> local VRT ids, as a **new** tensor (`VRTCodec.to_local`)."""
-        return self.codec.to_local(ids, image_grid_thw, image_sample_idx)
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or "_processor" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["_processor"], name)
-
-
 # ============================================================================ our processor
-class PaDTProcessor(_VRTTextMixin):
+class PaDTProcessor(VRTTextMixin):
     """Chat-templated, left-padded PaDT inputs and VRT-aware decoding around a Qwen2.5-VL processor.
 
     Args:
@@ -502,7 +247,7 @@ class PaDTProcessor(_VRTTextMixin):
                 cfg = json.load(f)
             vrt_base_id = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
         if vrt_base_id is None:
-            vrt_base_id = _detect_vrt_base(processor.tokenizer)
+            vrt_base_id = detect_vrt_base(processor.tokenizer)
         if vrt_base_id is None:
             raise ValueError(f"cannot tell the VRT base id for {path!r}: pass vrt_base_id (the model's embedding "
                              "rows, config.vocab_size)")
@@ -517,7 +262,8 @@ class PaDTProcessor(_VRTTextMixin):
 
     @staticmethod
     def build_messages(image, prompt: str) -> list[dict]:
-        """One user turn, image(s) before text (spec 7). ``image`` may be None, one image or a list of images."""
+        """One user turn, image(s) before text (docs/method.md#tasks-and-prompts). ``image`` may be None, one image or
+        a list of images."""
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": prompt}]
         return [{"role": "user", "content": content}]

@@ -1,7 +1,8 @@
 """VRT (visual reference token) id arithmetic: no tokenizer entries needed.
 
 A VRT names one *merged* cell of one image (a ``merge x merge`` group of ViT patches). Ids are pure arithmetic
-on the base id ``V`` = the number of rows of the text embedding table (``config.vocab_size``):
+on the base id ``V`` = the number of rows of the text embedding table (``config.vocab_size``;
+docs/method.md#vrt-ids-and-the-extended-vocabulary):
 
 - **local id** of cell ``k`` of a batch row: ``V + k``, written ``<|VRT_k|>``. Cells are numbered row-major over
   the image's merged grid (``k = row * (w // merge) + col``, frames stacked for ``t > 1``). When a row holds
@@ -13,6 +14,10 @@ on the base id ``V`` = the number of rows of the text embedding table (``config.
 `VRTCodec` converts between the two per batch row, given which row each image belongs to
 (``image_sample_idx``; the authors' convention "image i is row i" is the default). It never mutates its inputs
 and raises `ValueError` naming the row and the id for a VRT that is not a cell of one of its row's images.
+
+This module is the one place for the cell arithmetic of a batch: cells per image (`cells_per_image`, also used by
+the model's prefill), their offsets (`cell_offsets`) and each row's cell ranges (`VRTCodec.row_cell_ranges`). How an
+image's pixel size becomes its patch grid is `padt.geometry.grids`.
 """
 
 from __future__ import annotations
@@ -23,19 +28,6 @@ from collections.abc import Iterable, Sequence
 import torch
 
 VRT_TOKEN_PATTERN = re.compile(r"<\|VRT_(\d+)\|>")
-
-
-def vrt_token(k: int) -> str:
-    """String form of local VRT ``k``: ``<|VRT_k|>``."""
-    return f"<|VRT_{int(k)}|>"
-
-
-def parse_vrt_token(token: str) -> int:
-    """Inverse of `vrt_token`: ``"<|VRT_12|>" -> 12``. Raises `ValueError` for anything else."""
-    m = VRT_TOKEN_PATTERN.fullmatch(token)
-    if m is None:
-        raise ValueError(f"{token!r} is not a VRT token string (expected '<|VRT_k|>')")
-    return int(m.group(1))
 
 
 def pid2vrt(patch_ids: int | Iterable[int] | torch.Tensor) -> str:
@@ -59,8 +51,53 @@ def _grid_rows(image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None) ->
     return [[int(x) for x in r] for r in rows]
 
 
+def merged_grid(
+    grid_thw: Sequence[int] | torch.Tensor, spatial_merge_size: int, *, image: int = 0, cell_size_px: int | None = None
+) -> tuple[int, int, int]:
+    """One image's patch grid ``(t, h, w)`` -> its merged grid ``(t, h // merge, w // merge)`` in cells.
+
+    `ValueError` unless ``h`` and ``w`` are positive multiples of the merge size; the message names the image
+    (``image``) and, given ``cell_size_px``, the smallest image size (one cell).
+    """
+    t, h, w = (int(x) for x in (grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw))
+    m = int(spatial_merge_size)
+    if h < m or w < m or h % m or w % m:
+        hint = "" if cell_size_px is None else (
+            f"; every image must be at least {cell_size_px}x{cell_size_px} px after resizing (one VRT cell)")
+        raise ValueError(f"image {image} has a patch grid (t, h, w) = {(t, h, w)} that is not divisible into whole "
+                         f"merged {m}x{m} cells (spatial_merge_size={m}){hint}")
+    return t, h // m, w // m
+
+
+def cells_per_image(
+    image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None,
+    spatial_merge_size: int,
+    *,
+    cell_size_px: int | None = None,
+) -> list[int]:
+    """Cells (VRTs) per image, ``t * h * w // merge**2``, as plain ints (one host copy: this runs on every prefill).
+
+    `ValueError` for an image that is not a whole number of merged cells (see `merged_grid`).
+    """
+    out = []
+    for i, thw in enumerate(_grid_rows(image_grid_thw)):
+        t, hm, wm = merged_grid(thw, spatial_merge_size, image=i, cell_size_px=cell_size_px)
+        out.append(t * hm * wm)
+    return out
+
+
+def cell_offsets(cells: Sequence[int]) -> list[int]:
+    """Exclusive cumulative cell counts: ``off[i]`` = cells of all images before image ``i`` (its first global cell,
+    i.e. its first row in the batch's prototype table)."""
+    out, total = [], 0
+    for n in cells:
+        out.append(total)
+        total += int(n)
+    return out
+
+
 class VRTCodec:
-    """Local <-> global VRT id conversion and cell geometry, by arithmetic.
+    """Local <-> global VRT id conversion and the cells of a batch's images, by arithmetic.
 
     Args:
         vrt_base_id (`int`): V, the id of `<|VRT_0|>` (rows of the text embedding table, `config.vocab_size`).
@@ -78,69 +115,18 @@ class VRTCodec:
     def __repr__(self) -> str:
         return f"VRTCodec(vrt_base_id={self.vrt_base_id}, spatial_merge_size={self.spatial_merge_size})"
 
-    # ------------------------------------------------------------------ strings
-    token = staticmethod(vrt_token)
-    parse_token = staticmethod(parse_vrt_token)
-    pid2vrt = staticmethod(pid2vrt)
-
-    def id_to_token(self, token_id: int) -> str:
-        """``V + k -> "<|VRT_k|>"``; `ValueError` for a non-VRT id."""
-        if token_id < self.vrt_base_id:
-            raise ValueError(f"id {token_id} is not a VRT id (VRT ids start at {self.vrt_base_id})")
-        return vrt_token(token_id - self.vrt_base_id)
-
-    def token_to_id(self, token: str) -> int:
-        """``"<|VRT_k|>" -> V + k``."""
-        return self.vrt_base_id + parse_vrt_token(token)
-
-    def is_vrt(self, ids: torch.Tensor) -> torch.Tensor:
-        """Boolean mask of VRT ids (``id >= V``), same shape as ``ids``."""
-        return torch.as_tensor(ids) >= self.vrt_base_id
-
-    # ------------------------------------------------------------------ grid geometry
+    # ------------------------------------------------------------------ cells of the batch's images
     def merged_grid(self, grid_thw: Sequence[int] | torch.Tensor) -> tuple[int, int, int]:
         """``(t, h, w)`` in patches -> ``(t, h // merge, w // merge)`` in cells; `ValueError` if not divisible."""
-        t, h, w = (int(x) for x in (grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw))
-        m = self.spatial_merge_size
-        if h % m or w % m:
-            raise ValueError(f"image grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={m}")
-        return t, h // m, w // m
+        return merged_grid(grid_thw, self.spatial_merge_size)
 
     def cells_per_image(self, image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None) -> list[int]:
         """Cells (VRTs) per image, ``t*h*w // merge**2``, as plain ints; `ValueError` if h or w is not divisible."""
-        m = self.spatial_merge_size
-        out = []
-        for t, h, w in _grid_rows(image_grid_thw):
-            if h % m or w % m:
-                raise ValueError(f"image grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={m}")
-            out.append(t * h * w // (m * m))
-        return out
+        return cells_per_image(image_grid_thw, self.spatial_merge_size)
 
     def num_cells(self, image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None) -> torch.Tensor:
         """Cells (VRTs) per image, ``t*h*w // merge**2``: `(N,)` int64."""
         return torch.tensor(self.cells_per_image(image_grid_thw), dtype=torch.long)
-
-    def offsets(self, image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None) -> torch.Tensor:
-        """Exclusive cumulative cell counts: `(N,)`, ``off_i`` = cells of all images before image ``i``."""
-        n = self.num_cells(image_grid_thw)
-        return torch.cumsum(n, 0) - n
-
-    def cell_to_rc(self, k: int | torch.Tensor, grid_thw: Sequence[int] | torch.Tensor):
-        """Cell index -> ``(row, col)`` on the merged grid (frames stacked: ``row`` runs over ``t * h // merge``).
-
-        Works on ints and on integer tensors (returns a pair of tensors).
-        """
-        t, hm, wm = self.merged_grid(grid_thw)
-        if not torch.is_tensor(k) and not 0 <= int(k) < t * hm * wm:
-            raise ValueError(f"cell {k} is outside the {t}x{hm}x{wm} merged grid")
-        return k // wm, k % wm
-
-    def rc_to_cell(self, row: int | torch.Tensor, col: int | torch.Tensor, grid_thw: Sequence[int] | torch.Tensor):
-        """``(row, col)`` on the merged grid -> cell index ``row * (w // merge) + col``."""
-        t, hm, wm = self.merged_grid(grid_thw)
-        if not torch.is_tensor(row) and not (0 <= int(row) < t * hm and 0 <= int(col) < wm):
-            raise ValueError(f"(row={row}, col={col}) is outside the {t}x{hm}x{wm} merged grid")
-        return row * wm + col
 
     # ------------------------------------------------------------------ rows <-> images
     def row_images(
@@ -182,8 +168,9 @@ class VRTCodec:
         out = ids2.clone()
         is_vrt = ids2 >= self.vrt_base_id
         if bool(is_vrt.any()):
-            n = self.num_cells(image_grid_thw)
-            off = torch.cumsum(n, 0) - n
+            cells = self.cells_per_image(image_grid_thw)
+            n = torch.tensor(cells, dtype=torch.long)
+            off = torch.tensor(cell_offsets(cells), dtype=torch.long)
             rows = self.row_images(ids2.shape[0], image_grid_thw, image_sample_idx)
             for b in range(ids2.shape[0]):
                 cols = is_vrt[b].nonzero(as_tuple=True)[0]
@@ -248,23 +235,8 @@ class VRTCodec:
     ) -> list[list[tuple[int, int]]]:
         """Per row, ``(global_start, num_cells)`` of each of its images in order (plain ints, cheap)."""
         n = self.cells_per_image(image_grid_thw)
-        off = [0] * len(n)
-        for i in range(1, len(n)):
-            off[i] = off[i - 1] + n[i - 1]
+        off = cell_offsets(n)
         return [[(off[i], n[i]) for i in imgs] for imgs in self.row_images(batch_size, image_grid_thw, image_sample_idx)]
-
-    def row_global_cells(
-        self,
-        batch_size: int,
-        image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None,
-        image_sample_idx: torch.Tensor | Sequence[int] | None = None,
-    ) -> list[torch.Tensor]:
-        """Per row, the global cell indices (``global id - V``) of its local ids ``0, 1, ...`` in order."""
-        out = []
-        for ranges in self.row_cell_ranges(batch_size, image_grid_thw, image_sample_idx):
-            parts = [torch.arange(g, g + c) for g, c in ranges]
-            out.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
-        return out
 
 
 def local_to_global_cells(ranges: Sequence[tuple[int, int]], cells: Sequence[int]) -> list[int]:

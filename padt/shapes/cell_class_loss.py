@@ -19,6 +19,11 @@ objects, whose labels are the kinds); `"phrase"`, the class name occurs in the l
 name does (the referring expression "the red square on the left" names the class "red square", and so does the
 caption mention "A red square"). A class name of several words gets the mean embedding of all its tokens, so colour x
 kind classes tie each cell to both words.
+
+`CellClassLoss` plugs the term into training as a `padt.train.auxiliary.AuxiliaryLoss` named ``cell_class``: it is
+logged as ``loss_cell_class`` (plus ``cell_class_accuracy`` when a cell is labelled) and weighed by the criterion's
+``weight_dict["loss_cell_class"]``, i.e. ``--cell_class_loss_coef``. `python -m padt.train` adds it when that flag is
+> 0 (registered in `padt.train.auxiliary.AUXILIARY_LOSSES`; flags `--cell_class_names`, `--cell_class_match`).
 """
 
 from __future__ import annotations
@@ -26,12 +31,23 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["MATCH_MODES", "CellClasses", "cell_class_loss", "cell_class_targets", "check_match", "label_classifier"]
+from padt.train.step import unwrap_padt_model
+
+__all__ = [
+    "MATCH_MODES",
+    "CellClassLoss",
+    "CellClasses",
+    "cell_class_loss",
+    "cell_class_targets",
+    "check_match",
+    "label_classifier",
+]
 
 IGNORE = -100
 MATCH_MODES = ("exact", "phrase")
@@ -39,18 +55,16 @@ MATCH_MODES = ("exact", "phrase")
 
 @dataclass(frozen=True)
 class CellClasses:
-    """The categories of the cell-class loss and its weight.
+    """The categories of the cell-class loss (its weight is the criterion's, see `CellClassLoss`).
 
     Attributes:
         names: category names, matched against object labels as `match` says.
         token_ids: per name, its token ids (their input-embedding rows are averaged into the class vector).
-        weight: weight of `loss_cell_class` in the total loss (> 0).
         match: how an object label names a class, `"exact"` or `"phrase"` (module docstring).
     """
 
     names: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
-    weight: float
     match: str = "exact"
 
     def __post_init__(self) -> None:
@@ -63,15 +77,13 @@ class CellClasses:
                              f"{list(self.names)}")
         if len(set(self.token_ids)) != len(self.names):
             raise ValueError(f"two cell class names encode to the same tokens: {list(self.token_ids)}")
-        if not self.weight > 0:
-            raise ValueError(f"the cell-class loss weight must be > 0, got {self.weight}")
         check_match(self.match)
 
     @classmethod
-    def from_tokenizer(cls, names: Sequence[str], tokenizer: Any, weight: float, match: str = "exact") -> CellClasses:
+    def from_tokenizer(cls, names: Sequence[str], tokenizer: Any, match: str = "exact") -> CellClasses:
         """Encode each name without special tokens."""
         ids = tuple(tuple(int(i) for i in tokenizer.encode(n, add_special_tokens=False)) for n in names)
-        return cls(tuple(names), ids, float(weight), match)
+        return cls(tuple(names), ids, match)
 
     def class_vectors(self, embedding: torch.Tensor) -> torch.Tensor:
         """`(K, H)`: the mean input-embedding row of each name's tokens (`embedding` is `(vocab, H)`)."""
@@ -156,3 +168,53 @@ def cell_class_loss(
     labels = targets.to(image_embeds.device).index_select(0, keep)
     accuracy = (logits.argmax(-1) == labels).float().mean().detach()
     return F.cross_entropy(logits, labels), accuracy
+
+
+@dataclass(frozen=True)
+class CellClassLoss:
+    """The cell-class term as a training auxiliary loss (`padt.train.auxiliary.AuxiliaryLoss`, name ``cell_class``).
+
+    Attributes:
+        classes (`CellClasses`): the categories, their tokens and the label match.
+    """
+
+    classes: CellClasses
+    name: ClassVar[str] = "cell_class"
+
+    def __call__(
+        self, model: nn.Module, batch: Mapping[str, Any], outputs: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`(loss_cell_class, {"cell_class_accuracy": ...})` of a batch (the accuracy only when a cell is labelled),
+        from the merger outputs of its images (`outputs.padt_state.image_embeds`, `(N_cells, H)`) and the model's
+        input-embedding rows of the class names."""
+        state = outputs.padt_state
+        if state is None or state.image_embeds is None:
+            raise ValueError("the cell-class loss needs images (pixel_values, image_grid_thw) in the batch")
+        embedding = unwrap_padt_model(model).get_input_embeddings().weight
+        if embedding.numel() == 0:
+            raise ValueError("the cell-class loss reads the input embedding, which is partitioned here (ZeRO-3); "
+                             "use ZeRO-2 or turn the loss off")
+        classes = self.classes
+        targets = cell_class_targets(batch["objects"], classes.names, state.image_embeds.shape[0], classes.match)
+        loss, accuracy = cell_class_loss(state.image_embeds, classes.class_vectors(embedding), targets)
+        return loss, ({} if accuracy is None else {"cell_class_accuracy": accuracy})
+
+    # ------------------------------------------------------------------ `padt.train.auxiliary` registry interface
+    @staticmethod
+    def check_args(args: Any) -> None:
+        """`ValueError` for inconsistent `--cell_class_loss_coef`, `--cell_class_names`, `--cell_class_match`."""
+        if args.cell_class_loss_coef > 0 and len(args.cell_class_names) < 2:
+            raise ValueError("cell_class_loss_coef > 0 needs at least two --cell_class_names (the object labels to "
+                             f"learn), got {args.cell_class_names}")
+        check_match(args.cell_class_match)
+        if args.cell_class_names and args.cell_class_loss_coef == 0:
+            raise ValueError(f"--cell_class_names {args.cell_class_names} given but cell_class_loss_coef is 0: set "
+                             "a weight or drop the names")
+
+    @classmethod
+    def from_args(cls, args: Any, processing_class: Any) -> CellClassLoss:
+        """The loss of `--cell_class_names` / `--cell_class_match`, the names encoded by the processor's tokenizer."""
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer is None:
+            raise ValueError("cell_class_loss_coef > 0 needs processing_class (its tokenizer encodes the names)")
+        return cls(CellClasses.from_tokenizer(args.cell_class_names, tokenizer, args.cell_class_match))

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from padt.geometry.masks import cell_coverage, rle_decode
-from padt.preprocess.common import iter_jsonl
-from padt.processing.processor import load_image
+from padt.io import iter_jsonl
+from padt.processing.qwen import load_image
 
 __all__ = [
     "CellClassDataset",
@@ -317,8 +317,8 @@ def pretrain_vision(
     from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
-    from padt.model.modeling import PaDTForConditionalGeneration
-    from padt.processing.processor import load_processor
+    from padt.model.backbones.qwen2_5_vl import PaDTForConditionalGeneration
+    from padt.processing.qwen import load_processor
 
     model = PaDTForConditionalGeneration.from_pretrained(model_dir)
     processor = load_processor(model_dir)

@@ -3,9 +3,11 @@ benchmark). No download: weights are random (or trained locally)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
-from padt.model.configuration import PaDTConfig
+from padt.model.backbones.qwen2_5_vl import PaDTConfig
 
 QWEN_SPECIAL_TOKEN_NAMES = {
     "image_token_id": "<|image_pad|>",
@@ -51,35 +53,35 @@ def tiny_padt_config(
     if len(mrope_section) != 3 or sum(mrope_section) != head_dim // 2:
         raise ValueError(f"mrope_section={mrope_section} must be 3 ints (t, h, w) summing to head_dim / 2 = "
                          f"{head_dim // 2}")
-    text_config = dict(
-        vocab_size=vocab_size,
-        hidden_size=text_hidden_size,
-        intermediate_size=2 * text_hidden_size,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": text_rope_theta, "mrope_section": list(mrope_section)},
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    vision_config = dict(
-        depth=vision_depth,
-        hidden_size=vision_hidden_size,
-        intermediate_size=2 * vision_hidden_size,
-        num_heads=vision_heads,
-        rope_parameters={"rope_type": "axial", "rope_theta": vision_rope_theta},
-        in_channels=3,
-        patch_size=14,
-        temporal_patch_size=2,
-        spatial_merge_size=2,
-        window_size=window_size,
-        fullatt_block_indexes=[vision_depth - 1],
-        out_hidden_size=text_hidden_size,
-        tokens_per_second=2,
-    )
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": text_hidden_size,
+        "intermediate_size": 2 * text_hidden_size,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": text_rope_theta, "mrope_section": list(mrope_section)},
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+    vision_config = {
+        "depth": vision_depth,
+        "hidden_size": vision_hidden_size,
+        "intermediate_size": 2 * vision_hidden_size,
+        "num_heads": vision_heads,
+        "rope_parameters": {"rope_type": "axial", "rope_theta": vision_rope_theta},
+        "in_channels": 3,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "window_size": window_size,
+        "fullatt_block_indexes": [vision_depth - 1],
+        "out_hidden_size": text_hidden_size,
+        "tokens_per_second": 2,
+    }
     return PaDTConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -104,48 +106,57 @@ def tiny_padt_config_for_tokenizer(tokenizer: Any, **kwargs: Any) -> PaDTConfig:
 
 
 def sample_image(width: int = 224, height: int = 168):
-    """A synthetic scene (a red box and a blue disk on a grey-green background) as a PIL image."""
+    """A synthetic scene (a red box and a blue disk, `padt.testing.sft_data`'s colours, on a grey-green background) as
+    a PIL image. Its shapes sit at fractions of the image size, not in integer pixel boxes, so it is drawn here rather
+    than with `padt.shapes.scenes.paint_shape` (whose boxes would move them by a pixel and change `sample.png`)."""
     from PIL import Image, ImageDraw
+
+    from padt.testing.sft_data import COLOURS
 
     img = Image.new("RGB", (width, height), (110, 130, 115))
     draw = ImageDraw.Draw(img)
-    draw.rectangle([width * 0.1, height * 0.2, width * 0.45, height * 0.7], fill=(220, 40, 40))
-    draw.ellipse([width * 0.55, height * 0.35, width * 0.9, height * 0.85], fill=(40, 70, 220))
+    draw.rectangle([width * 0.1, height * 0.2, width * 0.45, height * 0.7], fill=COLOURS["red"])
+    draw.ellipse([width * 0.55, height * 0.35, width * 0.9, height * 0.85], fill=COLOURS["blue"])
     return img
 
 
 def build_tiny_checkpoint(
-    out_dir: str,
+    out_dir: str | os.PathLike,
     seed: int = 0,
     *,
     placeholder: bool = True,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     **config_kwargs: Any,
-) -> None:
-    """Save a tiny PaDT model (random weights), its processor and `sample.png` to `out_dir`.
+) -> Path:
+    """Save a tiny PaDT model (random weights), its `PaDTProcessor` and `sample.png` to `out_dir`; returns it.
 
     `placeholder=True` gives the prototype norm weight 1 so that an untrained model can emit VRTs (pipeline tests);
-    `False` keeps the authors' zero init (a training start). `config_kwargs` go to
-    `tiny_padt_config` (sizes); `min_pixels`/`max_pixels` to the image processor.
+    `False` keeps the authors' zero init (a training start, as from a base model). `config_kwargs` go to
+    `tiny_padt_config` (sizes); `min_pixels`/`max_pixels` to the image processor (`build_tiny_processor`'s defaults
+    when None). `PaDTForConditionalGeneration.from_pretrained(out_dir)` and `PaDTProcessor.from_pretrained(out_dir)`
+    load it.
     """
-    import os
-
     import torch
 
-    from padt.model.modeling import PaDTForConditionalGeneration
+    from padt.model.backbones.qwen2_5_vl import PaDTForConditionalGeneration
+    from padt.processing.processor import PaDTProcessor
     from padt.testing.tokenizer import build_tiny_processor, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     processor = build_tiny_processor(tok, min_pixels=min_pixels, max_pixels=max_pixels)
+    config = tiny_padt_config_for_tokenizer(tok, **config_kwargs)
     torch.manual_seed(seed)
-    model = PaDTForConditionalGeneration(tiny_padt_config_for_tokenizer(tok, **config_kwargs))
+    model = PaDTForConditionalGeneration(config)
     if placeholder:
         with torch.no_grad():
             model.vis_norm.weight.fill_(1.0)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    sample_image().save(os.path.join(out_dir, "sample.png"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    PaDTProcessor(processor, config.vrt_base_id).save_pretrained(out)
+    sample_image().save(out / "sample.png")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,9 @@
-"""A tiny, fully local PaDT training set: generated images of coloured shapes in the released JSONL format (spec 8),
-plus a tiny random PaDT model and its processor. It is what `run_scripts/padt_tiny_cpu_sft.sh` trains on, and what the
-trainer tests use; no download.
+"""A tiny, fully local PaDT training set: generated images of coloured shapes in the released JSONL format
+(docs/preprocessing.md), plus a tiny random PaDT model and its processor (`padt.testing.models.build_tiny_checkpoint`).
+It is what `run_scripts/padt_tiny_cpu_sft.sh` trains on, and what the trainer tests use; no download.
 
-Each image holds 0-2 shapes (a filled square / disk / bar of one colour) on a plain background. Records come in the
+Each image holds 0-2 shapes (a filled square / disk / bar of one colour, painted by `padt.shapes.scenes.paint_shape`)
+on a plain background. Records come in the
 three task formats: OVD (categories listed in the prompt; images *without* objects get the "No objects" answer, so
 that in a 2-process run one rank sees batches without objects), REC (one shape by a sentence) and RIC (a caption with
 one `<|Obj_k|>` per shape). Objects carry what the released data carries: foreground ``patches`` on the rounded
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from padt.geometry.masks import FOREGROUND_RULES, foreground_cells, rle_area, rle_encode, rounded_grid
+from padt.geometry.grids import rounded_grid
+from padt.geometry.masks import FOREGROUND_RULES, foreground_cells, rle_area, rle_encode
 from padt.preprocess.objects import make_object
 from padt.preprocess.templates import (
     RIC_PROMPT,
@@ -35,11 +37,13 @@ from padt.preprocess.templates import (
     rec_answer,
     rec_prompt,
 )
+from padt.shapes.scenes import paint_shape, shape_mask
+from padt.testing.models import build_tiny_checkpoint
 
 COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (230, 210, 40)}
 SHAPES = ("square", "disk", "bar")
-TINY_MIN_PIXELS = 4 * 28 * 28
-TINY_MAX_PIXELS = 64 * 28 * 28
+PAINTED_KINDS = {"square": "square", "disk": "circle", "bar": "bar"}  # our names -> `padt.shapes.scenes.paint_shape`'s
+TINY_MAX_PIXELS = 64 * 28 * 28  # the workspace processor's limit: 64 merged cells (min: the default 4)
 
 
 @dataclass(frozen=True)
@@ -56,23 +60,10 @@ class Shape:
 
     def mask(self, height: int, width: int) -> np.ndarray:
         """(H, W) uint8 0/1 mask of the shape."""
-        img = Image.new("L", (width, height), 0)
-        self._draw(ImageDraw.Draw(img), 1)
-        return np.asarray(img, dtype=np.uint8)
+        return shape_mask(PAINTED_KINDS[self.kind], self.box, height, width)
 
     def draw(self, draw: ImageDraw.ImageDraw) -> None:
-        self._draw(draw, COLOURS[self.colour])
-
-    def _draw(self, draw: ImageDraw.ImageDraw, fill) -> None:
-        x1, y1, x2, y2 = self.box
-        if self.kind == "disk":
-            draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=fill)
-        elif self.kind == "bar":
-            cy = (y1 + y2) // 2
-            half = max(4, (y2 - y1) // 4)
-            draw.rectangle([x1, cy - half, x2 - 1, cy + half - 1], fill=fill)
-        else:
-            draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=fill)
+        paint_shape(draw, PAINTED_KINDS[self.kind], self.box, COLOURS[self.colour])
 
 
 def _random_shapes(rng: random.Random, n: int, height: int, width: int) -> list[Shape]:
@@ -181,37 +172,10 @@ def make_tiny_sft_data(
     return path
 
 
-def make_tiny_model_dir(out_dir: str | os.PathLike, seed: int = 0, min_pixels: int = TINY_MIN_PIXELS,
-                        max_pixels: int = TINY_MAX_PIXELS) -> Path:
-    """Save a tiny random PaDT model (`padt.testing.models`) and its `PaDTProcessor` (`padt.testing.tokenizer`) to `out_dir`.
-
-    The model is initialised as PaDT training starts from a base model (prototype norm at zero), so this is a
-    from-scratch run; `PaDTForConditionalGeneration.from_pretrained(out_dir)` and `PaDTProcessor.from_pretrained(out_dir)`
-    load it.
-    """
-    import torch
-
-    from padt.model.modeling import PaDTForConditionalGeneration
-    from padt.processing.processor import PaDTProcessor
-    from padt.testing.tokenizer import build_tiny_processor, build_tiny_tokenizer
-    from padt.testing.models import tiny_padt_config_for_tokenizer
-
-    tok = build_tiny_tokenizer()
-    config = tiny_padt_config_for_tokenizer(tok)
-    torch.manual_seed(seed)
-    model = PaDTForConditionalGeneration(config)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor = build_tiny_processor(tok, min_pixels=min_pixels, max_pixels=max_pixels)
-    PaDTProcessor(processor, config.vrt_base_id).save_pretrained(out)
-    return out
-
-
 def make_tiny_sft_workspace(out_dir: str | os.PathLike, num_images: int = 8, num_empty: int = 3,
                             seed: int = 0) -> dict[str, Path]:
     """`out_dir/model` (tiny model + processor) and `out_dir/data` (images + train.jsonl); returns their paths."""
     out = Path(out_dir)
-    model_dir = make_tiny_model_dir(out / "model", seed=seed)
+    model_dir = build_tiny_checkpoint(out / "model", seed, placeholder=False, max_pixels=TINY_MAX_PIXELS)
     data_file = make_tiny_sft_data(out / "data", num_images=num_images, num_empty=num_empty, seed=seed)
     return {"model": model_dir, "data_file": data_file, "image_folder": out / "data" / "images"}

@@ -1,9 +1,9 @@
 """Tiny offline Qwen2-style tokenizer and Qwen2.5-VL processor for tests and toy models.
 
 `build_tiny_tokenizer` trains a byte-level BPE (the `tokenizers` library, Qwen2's pre-tokenizer split) on a
-deterministic toy corpus that covers PaDT's prompt and answer templates (spec 7), wraps it as transformers'
-`Qwen2Tokenizer`, appends the 22 Qwen2.5 special tokens in Qwen's order (so `<|endoftext|>` is the first id
-after the BPE vocabulary, like 151643 in the real one), sets eos `<|im_end|>`, pad `<|endoftext|>` and the
+deterministic toy corpus that covers PaDT's prompt and answer templates (docs/method.md#tasks-and-prompts), wraps it
+as transformers' `Qwen2Tokenizer`, appends the 22 Qwen2.5 special tokens in Qwen's order (so `<|endoftext|>` is the
+first id after the BPE vocabulary, like 151643 in the real one), sets eos `<|im_end|>`, pad `<|endoftext|>` and the
 Qwen-VL chat template. Same inputs -> same tokenizer, in well under a second. No hub access.
 """
 
@@ -154,10 +154,10 @@ def build_tiny_processor(
     """Qwen2.5-VL processor around ``tokenizer`` (default: `build_tiny_tokenizer()`).
 
     Pixel limits default to 4 and 256 cells of ``(patch_size * spatial_merge_size)**2`` pixels (small images for
-    CPU tests). Uses `padt.processing.processor.build_qwen_processor`: the real `Qwen2_5_VLProcessor` with a video processor
+    CPU tests). Uses `padt.processing.qwen.build_qwen_processor`: the real `Qwen2_5_VLProcessor` with a video processor
     when torchvision is installed, else the image-only subclass with the PIL image processor backend.
     """
-    from padt.processing.processor import build_qwen_processor
+    from padt.processing.qwen import build_qwen_processor
 
     cell_pixels = (patch_size * spatial_merge_size) ** 2
     return build_qwen_processor(

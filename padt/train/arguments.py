@@ -1,10 +1,14 @@
-"""Arguments of PaDT training: `PaDTTrainingArguments` (HF `TrainingArguments` + PaDT fields), `PaDTScriptArguments`
-(model and data paths) and `parse_train_args` (`HfArgumentParser` with an optional `--config file.yaml`).
+"""The arguments of a training run: `PaDTTrainingArguments` (HF `TrainingArguments` + PaDT's switches and loss
+weights), `PaDTScriptArguments` (model and data paths) and `parse_train_args` (`HfArgumentParser` with an optional
+`--config file.yaml`).
 
-Defaults are the authors' recipe (spec 9.1-9.2) where they set one: lr 2e-5, bf16 (on GPUs), activation checkpointing, seed 42,
-data_seed 42, logging every step, a checkpoint every 100 steps, 5 VRTs per object, robust CE, every decoder loss on
-with weight 1, decoder warm-up on prototypes for the first 300 steps. Everything else is a `TrainingArguments` default
-(AdamW torch, linear decay, no warm-up, weight decay 0, max_grad_norm 1.0).
+`padt.train.run` parses them; `padt.train.build` builds the model and data from them;
+`padt.train.trainer.build_criterion` turns the `*_loss_coef` fields into the criterion's `weight_dict` (`loss_<name>`
+<- `<name>_loss_coef`, auxiliary losses included, `padt.train.auxiliary`). Defaults are the authors' recipe
+(docs/training.md) where they set one: lr 2e-5, bf16 (on GPUs), activation checkpointing, seed 42, data_seed 42,
+logging every step, a checkpoint every 100 steps, 5 VRTs per object, robust CE, every decoder loss on with weight 1,
+decoder warm-up on prototypes for the first 300 steps. Everything else is a `TrainingArguments` default (AdamW torch,
+linear decay, no warm-up, weight decay 0, max_grad_norm 1.0).
 
     python -m padt.train --config configs/train/tiny_cpu.yaml --max_steps 5      # CLI flags override the YAML
 """
@@ -13,17 +17,19 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from padt.shapes.cell_class_loss import check_match
+from padt.model.decoder.attention import ATTN_IMPLEMENTATIONS
+from padt.train.auxiliary import check_auxiliary_args, coef_field, loss_key
 
+# the weights of PaDT's own terms; each auxiliary loss adds its `<name>_loss_coef` field (cell_class_loss_coef)
 LOSS_COEF_FIELDS = (
     "ce_loss_coef", "bbox_loss_coef", "giou_loss_coef", "score_loss_coef", "dice_loss_coef", "mask_loss_coef",
 )  # fmt: skip
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -46,7 +52,8 @@ class PaDTTrainingArguments(TrainingArguments):
     robust_ce: bool = field(
         default=True,
         metadata={"help": "Robust VRT cross-entropy: at a VRT target, the object's other foreground cells are masked "
-                          "out of the softmax (spec 9.5.5). False = plain CE (paper ablation)."},
+                          "out of the softmax (docs/method.md#the-training-step-and-losses). False = plain CE "
+                          "(paper ablation)."},
     )
     use_bbox_loss: bool = field(default=True, metadata={"help": "Decoder box losses (L1 + GIoU)."})
     use_score_loss: bool = field(default=True, metadata={"help": "Decoder score loss (MSE against detached GIoU)."})
@@ -69,9 +76,10 @@ class PaDTTrainingArguments(TrainingArguments):
     )
     cell_class_loss_coef: float = field(
         default=0.0,
-        metadata={"help": "Weight of the cell-category auxiliary loss (padt/shapes/cell_class_loss.py; not in the authors' "
-                          "code): the merged features of the cells of objects labelled with one of --cell_class_names "
-                          "should point at that name's word embedding. For towers trained from scratch. 0 = off."},
+        metadata={"help": "Weight of the cell-category auxiliary loss loss_cell_class (padt/shapes/cell_class_loss.py; "
+                          "not in the authors' code): the merged features of the cells of objects labelled with one of "
+                          "--cell_class_names should point at that name's word embedding. For towers trained from "
+                          "scratch. 0 = off."},
     )
     cell_class_names: list[str] = field(
         default_factory=list,
@@ -148,7 +156,7 @@ class PaDTTrainingArguments(TrainingArguments):
             self.activation_checkpointing = True
         # DDP: the decoder runs on the unwrapped model after the wrapped forward, so DDP's search for unused parameters
         # would mark its parameters ready twice; every trainable parameter gets a gradient each step instead
-        # (training_step.py), which is what DDP expects without the search. (The Trainer turns the search on for
+        # (padt.train.step), which is what DDP expects without the search. (The Trainer turns the search on for
         # models without activation checkpointing, e.g. the tiny shapes recipe.)
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False
@@ -159,18 +167,10 @@ class PaDTTrainingArguments(TrainingArguments):
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False for PaDT: the collator needs every record field "
                              "(image, conversations, answer_template, objects)")
-        for name in LOSS_COEF_FIELDS:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.cell_class_loss_coef < 0:
-            raise ValueError(f"cell_class_loss_coef must be >= 0, got {self.cell_class_loss_coef}")
-        if self.cell_class_loss_coef > 0 and len(self.cell_class_names) < 2:
-            raise ValueError("cell_class_loss_coef > 0 needs at least two --cell_class_names (the object labels to "
-                             f"learn), got {self.cell_class_names}")
-        check_match(self.cell_class_match)
-        if self.cell_class_names and self.cell_class_loss_coef == 0:
-            raise ValueError(f"--cell_class_names {self.cell_class_names} given but cell_class_loss_coef is 0: set "
-                             "a weight or drop the names")
+        for f in fields(self):
+            if f.name.endswith("_loss_coef") and getattr(self, f.name) < 0:
+                raise ValueError(f"{f.name} must be >= 0, got {getattr(self, f.name)}")
+        check_auxiliary_args(self)  # e.g. the cell-class flags (padt.train.auxiliary.AUXILIARY_LOSSES)
         if self.decoder_lr_scale <= 0:
             raise ValueError(f"decoder_lr_scale must be > 0, got {self.decoder_lr_scale}")
         if self.vision_lr_scale <= 0:
@@ -201,15 +201,20 @@ class PaDTTrainingArguments(TrainingArguments):
             raise ValueError(f"num_vrt must be a positive int or 'all', got {self.num_vrt!r}")
         return n
 
-    def loss_weights(self) -> dict[str, float]:
-        """`{"loss_ce": ce_loss_coef, ...}` for the enabled loss terms (`PaDTCriterion`'s `weight_dict`)."""
+    def loss_weights(self, auxiliary: Sequence[str] = ()) -> dict[str, float]:
+        """`{"loss_ce": ce_loss_coef, ...}` for the enabled loss terms, plus `{"loss_<name>": <name>_loss_coef}` for
+        each name in `auxiliary` (`PaDTCriterion`'s `weight_dict`)."""
         on = {"ce": True, "bbox": self.use_bbox_loss, "giou": self.use_bbox_loss, "score": self.use_score_loss,
               "dice": self.use_mask_loss, "mask": self.use_mask_loss}
         out = {}
         for name in LOSS_COEF_FIELDS:
             key = name[: -len("_loss_coef")]
             if on[key]:
-                out[f"loss_{key}"] = float(getattr(self, name))
+                out[loss_key(key)] = float(getattr(self, name))
+        for name in auxiliary:
+            if not hasattr(self, coef_field(name)):
+                raise ValueError(f"auxiliary loss {name!r} has no weight argument {coef_field(name)}")
+            out[loss_key(name)] = float(getattr(self, coef_field(name)))
         return out
 
 

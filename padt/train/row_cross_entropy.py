@@ -1,4 +1,5 @@
-"""Per-row cross-entropy in fp32 with a hand-written backward, for the wide text + VRT logits of a training step.
+"""Per-row cross-entropy in fp32 with a hand-written backward, for the wide text + VRT logits of a training step (the
+kernel under `padt.train.losses.robust_vrt_cross_entropy`).
 
 Why not `torch.logsumexp` / `F.cross_entropy`: PaDT's logits rows are wide (vocabulary + every VRT cell of the batch)
 and mix text logits near 0 with VRT logits of tens or hundreds, so `exp(x - max)` of most text logits falls into the

@@ -1,4 +1,8 @@
-"""PaDT supervised fine-tuning: `python -m padt.train [--config file.yaml] [--flag value ...]`.
+"""The entry point of PaDT supervised fine-tuning, `python -m padt.train [--config file.yaml] [--flag value ...]`.
+
+Parse the arguments (`padt.train.arguments`), build the run (`build_trainer`: model, processor, data from
+`padt.train.build`; auxiliary losses from `padt.train.auxiliary`), train, save, merge LoRA (`padt.train.lora`). During
+training `PaDTTrainer.compute_loss` -> `padt.train.step` -> `padt.train.criterion` -> `padt.train.losses`.
 
 Launch with torchrun or accelerate for several processes (see `run_scripts/padt_*_sft.sh` and `docs/training.md`):
 
@@ -14,11 +18,17 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from padt.train.arguments import PaDTTrainingArguments, parse_train_args
+from padt.train.arguments import PaDTScriptArguments, PaDTTrainingArguments, parse_train_args
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
+    from padt.train.trainer import PaDTTrainer
 
 logger = logging.getLogger("padt.train.run")
 
@@ -40,22 +50,14 @@ def resolve_resume(args: PaDTTrainingArguments) -> str | None:
     return text
 
 
-def main(argv: list[str] | None = None) -> None:
-    from padt.train.setup import (
-        build_train_data,
-        load_model,
-        load_padt_processor,
-        lora_scale,
-        merge_lora_checkpoint,
-        prepare_model_for_training,
-    )
+def build_trainer(script_args: PaDTScriptArguments, args: PaDTTrainingArguments,
+                  callbacks: list[TrainerCallback] | None = None) -> PaDTTrainer:
+    """The `PaDTTrainer` of a run: model, processor, freezing / LoRA and data (`padt.train.build`), and the auxiliary
+    losses the arguments switch on (`padt.train.auxiliary.auxiliary_losses_from_args`: e.g. `--cell_class_loss_coef`
+    adds the shapes benchmark's cell-class loss)."""
+    from padt.train.auxiliary import auxiliary_losses_from_args
+    from padt.train.build import build_train_data, load_model, load_padt_processor, prepare_model_for_training
     from padt.train.trainer import PaDTTrainer
-
-    script_args, args = parse_train_args(argv)
-    script_args.check_complete()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if args.should_log else logging.WARNING)
-    set_seed(args.seed)  # the new PaDT modules of a base model are initialised from it
 
     ################ model and processor
     model = load_model(script_args, args)
@@ -67,9 +69,24 @@ def main(argv: list[str] | None = None) -> None:
     dataset, collator = build_train_data(script_args, args, processor, model.vl_decoder.mask_upscale)
     logger.info("%r", dataset)
 
+    ################ loss and trainer
+    return PaDTTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset,
+                       processing_class=processor, callbacks=callbacks,
+                       auxiliary_losses=auxiliary_losses_from_args(args, processor))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from padt.train.lora import lora_scale, merge_lora_checkpoint
+
+    script_args, args = parse_train_args(argv)
+    script_args.check_complete()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if args.should_log else logging.WARNING)
+    set_seed(args.seed)  # the new PaDT modules of a base model are initialised from it
+    trainer = build_trainer(script_args, args)
+    dataset = trainer.train_dataset
+
     ################ training
-    trainer = PaDTTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset,
-                          processing_class=processor)
     resume = resolve_resume(args)
     if resume:
         logger.info("resuming from %s", resume)

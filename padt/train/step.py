@@ -1,7 +1,10 @@
-"""One PaDT training step's loss: forward, robust CE, decoder on the objects' VRT features, decoder losses.
+"""The loss of one training batch: forward, decoder on the objects' VRT features, then the criterion's terms.
 
-`compute_padt_loss` consumes the collator's batch (see the training contract / `padt.data.collator`) and is what the
-trainer's `compute_loss` calls. It is the authors' `compute_loss` (spec 9.5 steps 6-12) with these changes:
+Where it sits: `padt.train.run` -> `padt.train.build` -> `PaDTTrainer.compute_loss` -> `compute_padt_loss` (here) ->
+`padt.train.criterion.PaDTCriterion` -> `padt.train.losses`. `compute_padt_loss` consumes the collator's batch
+(`padt.data.collator`) and runs the model; the criterion computes, names and weighs every term (auxiliary ones
+included), so this module has no branch per loss. It is the authors' `compute_loss`
+(`src/PaDT/trainer/padt_sft_trainer.py`; docs/method.md#the-training-step-and-losses) with these changes:
 
 * logits are kept only for the completion (`logits_to_keep`) and cast to fp32 only there (`padt.train.row_cross_entropy`);
 * decoder features are read from the final-norm states the forward returns (no `output_hidden_states`);
@@ -20,8 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from padt.shapes.cell_class_loss import CellClasses, cell_class_loss, cell_class_targets
-from padt.train.losses import PaDTCriterion, pad_gt_masks
+from padt.legacy import authors_loss_names
+from padt.processing.features import gather_positions, gather_rows, unpack_per_object
+from padt.processing.vrt import cell_offsets, cells_per_image
+from padt.train.criterion import PaDTCriterion
+from padt.train.losses import pad_gt_masks
 
 __all__ = ["compute_padt_loss", "object_features", "unwrap_padt_model"]
 
@@ -39,9 +45,9 @@ def unwrap_padt_model(model: nn.Module) -> nn.Module:
     return m
 
 
-def _image_of_cells(cells: torch.Tensor, cell_offsets: torch.Tensor) -> torch.Tensor:
-    """Image index of each global cell, given the cumulative cell counts of the images `(num_images + 1,)`."""
-    return torch.searchsorted(cell_offsets, cells, right=True) - 1
+def _image_of_cells(cells: torch.Tensor, image_starts: torch.Tensor) -> torch.Tensor:
+    """Image index of each global cell, given each image's first global cell `(num_images,)` (`cell_offsets`)."""
+    return torch.searchsorted(image_starts, cells, right=True) - 1
 
 
 def object_features(
@@ -52,7 +58,7 @@ def object_features(
     prompt_length: int,
     use_prototype_features: bool,
 ) -> list[list[torch.Tensor]]:
-    """Decoder input features of every object, nested per sample.
+    """Decoder input features of every object, nested per sample (the gatherers of `padt.processing.features`).
 
     Args:
         objects: per sample, per object, dicts with `vrt_positions` (completion indices t) and `vrt_cells` (global).
@@ -65,23 +71,19 @@ def object_features(
         per sample, per object, `(n_vrt, H)` tensors.
     """
     key = "vrt_cells" if use_prototype_features else "vrt_positions"
-    rows, index, lengths = [], [], []
+    ids = []
     for b, objs in enumerate(objects):
+        ids.append([])
         for j, obj in enumerate(objs):
-            ids = [int(i) for i in obj[key]]
-            if not ids:
+            ids[b].append([int(i) for i in obj[key]])
+            if not ids[b][j]:
                 raise ValueError(f"sample {b} object {j} has no {key}; every object needs at least one VRT")
-            rows += [b] * len(ids)
-            index += ids if use_prototype_features else [prompt_length - 1 + t for t in ids]
-            lengths.append(len(ids))
-    if not lengths:
-        return [[] for _ in objects]
     if use_prototype_features:
-        flat = prototypes[torch.tensor(index, device=prototypes.device)]
+        lengths = [len(cells) for row in ids for cells in row]
+        packed = gather_rows(prototypes, [c for row in ids for cells in row for c in cells])
     else:
-        flat = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(index, device=hidden.device)]
-    parts = iter(flat.split(lengths))
-    return [[next(parts) for _ in objs] for objs in objects]
+        packed, lengths, _ = gather_positions(hidden, ids, prompt_length - 1)
+    return unpack_per_object(packed, lengths, objects)
 
 
 def _object_images(
@@ -91,20 +93,21 @@ def _object_images(
     image_sample_idx: torch.Tensor,
 ) -> list[list[int]]:
     """Image of every object (from its VRT cells), checked to be one image of its own sample."""
-    cells = (image_grid_thw.prod(-1) // merge**2).cpu()
-    offsets = torch.cat([cells.new_zeros(1), cells.cumsum(0)])
+    cells = cells_per_image(image_grid_thw, merge)
+    total = sum(cells)
+    starts = torch.tensor(cell_offsets(cells), dtype=torch.long)
     owner = image_sample_idx.cpu().tolist()
     out = []
     for b, objs in enumerate(objects):
         imgs = []
         for j, obj in enumerate(objs):
             vrt_cells = torch.as_tensor([int(c) for c in obj["vrt_cells"]], dtype=torch.long)
-            if vrt_cells.numel() == 0 or int(vrt_cells.min()) < 0 or int(vrt_cells.max()) >= int(offsets[-1]):
+            if vrt_cells.numel() == 0 or int(vrt_cells.min()) < 0 or int(vrt_cells.max()) >= total:
                 raise ValueError(
                     f"sample {b} object {j}: vrt_cells {vrt_cells.tolist()} outside the batch's "
-                    f"{int(offsets[-1])} cells"
+                    f"{total} cells"
                 )
-            img = _image_of_cells(vrt_cells, offsets).unique()
+            img = _image_of_cells(vrt_cells, starts).unique()
             if img.numel() != 1 or owner[int(img[0])] != b:
                 raise ValueError(
                     f"sample {b} object {j}: its vrt_cells lie in images {img.tolist()}, expected one "
@@ -160,9 +163,8 @@ def compute_padt_loss(
     *,
     criterion: PaDTCriterion,
     use_prototype_features: bool,
-    cell_classes: CellClasses | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one collated batch (training contract).
+    """Loss of one collated batch.
 
     Args:
         model: a `PaDTForConditionalGeneration`, possibly wrapped (DDP, DeepSpeed, PEFT); the main forward goes through
@@ -170,13 +172,12 @@ def compute_padt_loss(
         batch: the collator's dict: `input_ids (B, P + C)`, `attention_mask`, `mm_token_type_ids`, `pixel_values`,
             `image_grid_thw (num_images, 3)`, `image_sample_idx (num_images,)`, `prompt_length` P,
             `completion_mask (B, C)`, `vrt_rows (N_vrt, 2)`, `robust_cell_mask (N_vrt, N_cells)`, `objects`.
-        criterion: the losses and their weights.
+        criterion: the loss terms, auxiliary ones included (`criterion.auxiliary_losses`), and their weights.
         use_prototype_features: warm-up: feed the decoder the prototypes of the objects' VRT cells.
-        cell_classes: when given, adds `weight x loss_cell_class` (`padt.shapes.cell_class_loss`; not in the authors' code).
     Returns:
-        `(loss, logs)`: the weighted total (scalar, differentiable) and detached scalars: every loss key, `iou`,
-        `giou`, the authors' `sft_loss`/`bbox_loss`/`score_loss`/`mask_loss`, `loss`, `num_objects`, and with
-        `cell_classes` `loss_cell_class` and `cell_class_accuracy` (the latter only when a cell was labelled).
+        `(loss, logs)`: the weighted total `criterion.weighted_total` (scalar, differentiable) and detached scalars:
+        every loss key, `iou`, `giou`, the auxiliary losses' metrics, the authors' `sft_loss`/`bbox_loss`/
+        `score_loss`/`mask_loss` (`padt.legacy.authors_loss_names`), `loss`, `num_objects`.
     """
     input_ids = batch["input_ids"]
     prompt_length = int(batch["prompt_length"])
@@ -252,24 +253,11 @@ def compute_padt_loss(
         losses.update(criterion(decoded, targets, num_boxes=num_boxes, num_masks=mask_denominator))
         extra = decoded["dummy_loss"] + _unused_head_link(decoded, criterion)
 
+    losses.update(criterion.loss_auxiliary(model, batch, out))
     total = criterion.weighted_total(losses) + extra
-    if cell_classes is not None:
-        state = out.padt_state
-        if state is None or state.image_embeds is None:
-            raise ValueError("the cell-class loss needs images (pixel_values, image_grid_thw) in the batch")
-        embedding = unwrap_padt_model(model).get_input_embeddings().weight
-        if embedding.numel() == 0:
-            raise ValueError("the cell-class loss reads the input embedding, which is partitioned here (ZeRO-3); "
-                             "use ZeRO-2 or turn the loss off")
-        targets = cell_class_targets(objects, cell_classes.names, state.image_embeds.shape[0], cell_classes.match)
-        loss_cells, accuracy = cell_class_loss(state.image_embeds, cell_classes.class_vectors(embedding), targets)
-        losses["loss_cell_class"] = loss_cells
-        total = total + cell_classes.weight * loss_cells
-        if accuracy is not None:
-            losses["cell_class_accuracy"] = accuracy
 
     logs = {k: v.detach() for k, v in losses.items()}
-    logs.update({k: v.detach() for k, v in criterion.aggregates(losses).items()})
+    logs.update({k: v.detach() for k, v in authors_loss_names(losses).items()})
     logs["loss"] = total.detach()
     logs["num_objects"] = torch.tensor(float(num_objects))
     return total, logs

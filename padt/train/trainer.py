@@ -1,14 +1,17 @@
-"""`PaDTTrainer`: the HF `Trainer` with PaDT's loss (`padt.train.step.compute_padt_loss`) and per-term logging.
+"""`PaDTTrainer`: the HF `Trainer` with PaDT's loss and per-term logging, and `build_criterion` (arguments -> loss).
 
+Where it sits: `padt.train.run` -> `padt.train.build` (model, processor, data) -> `PaDTTrainer.compute_loss` (here) ->
+`padt.train.step.compute_padt_loss` (one batch) -> `padt.train.criterion.PaDTCriterion` -> `padt.train.losses`.
 What it overrides, and nothing else (no Trainer internals are copied):
 
-* `compute_loss`: one call of `compute_padt_loss`; the decoder is fed the ground-truth VRT prototypes while
-  `state.global_step < args.warmup_prototype_steps` (the authors' warm-up, spec 9.5.7);
+* `compute_loss`: one call of `compute_padt_loss` with the trainer's criterion (auxiliary losses included); the decoder
+  is fed the ground-truth VRT prototypes while `state.global_step < args.warmup_prototype_steps` (the authors' warm-up
+  in their `compute_loss`, `src/PaDT/trainer/padt_sft_trainer.py`; docs/method.md#the-training-step-and-losses);
 * `prediction_step`: the same loss under `no_grad` for evaluation (the model's own forward takes no PaDT targets);
 * `_load_from_checkpoint`: weights of a resumed run (see **Resume**);
 * `log`: TRL-style side metrics. Every micro-batch appends each term (`loss_ce`, `loss_bbox`, `loss_giou`,
-  `loss_score`, `loss_dice`, `loss_mask`, `iou`, `giou`, the authors' `sft_loss`/`bbox_loss`/`score_loss`/
-  `mask_loss`) and batch facts (`objects_per_sample`, `batches_without_objects`) to `self._metrics`; `log` averages
+  `loss_score`, `loss_dice`, `loss_mask`, `iou`, `giou`, auxiliary losses and their metrics, the authors'
+  `sft_loss`/`bbox_loss`/`score_loss`/`mask_loss`) and batch facts (`objects_per_sample`, `batches_without_objects`) to `self._metrics`; `log` averages
   them over the window and over all ranks (one `all_gather_object` per log call, on every rank, as HF's own loss
   logging does) and adds the throughput of the window, `samples_per_second` and `tokens_per_second` (all ranks).
 
@@ -23,8 +26,8 @@ decoder terms are box-weighted per micro-batch (not over the whole accumulated b
 `visual.*`), but the Trainer's resume loads them with a plain `load_state_dict`, which matches none of the LLM and ViT
 weights (only a warning; transformers 5.23 has this bug for vanilla Qwen2.5-VL too). `_load_from_checkpoint` is
 therefore overridden: it renames the saved keys with the class's registered checkpoint conversion (the same renaming
-`from_pretrained` applies) and loads strictly, raising on any missing or unexpected key. DeepSpeed resumes through
-its own engine checkpoint and is not affected.
+`from_pretrained` applies) and loads strictly, raising on any missing or unexpected key (`padt.train.checkpoints`).
+DeepSpeed resumes through its own engine checkpoint and is not affected.
 
 **Epochs and VRT picks.** A `TrainerCallback` calls `PaDTCollator.set_epoch` at every epoch start (before the
 DataLoader iterator, hence its worker processes, is created). Picks depend only on (seed, epoch, dataset index) and
@@ -34,34 +37,35 @@ batches with the same VRTs as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from padt.shapes.cell_class_loss import CellClasses
-from padt.train.losses import PaDTCriterion
 from padt.train.arguments import PaDTTrainingArguments
+from padt.train.auxiliary import AuxiliaryLoss, check_auxiliary_wiring
+from padt.train.checkpoints import load_saved_state_dict, load_state_dict_strict
+from padt.train.criterion import PaDTCriterion
 
 # compute_padt_loss also returns these; the Trainer logs its own `loss`, and `objects_per_sample` replaces the count.
 _SKIPPED_LOG_KEYS = ("loss", "num_objects")
 
 
-def build_criterion(args: PaDTTrainingArguments) -> PaDTCriterion:
-    """The loss of a run: enabled terms, their weights and the robust-CE switch, from the training arguments."""
+def build_criterion(args: PaDTTrainingArguments, auxiliary_losses: Sequence[AuxiliaryLoss] = ()) -> PaDTCriterion:
+    """The loss of a run: enabled terms, their weights (`loss_<name>` <- `args.<name>_loss_coef`, auxiliary losses
+    included) and the robust-CE switch, from the training arguments."""
     return PaDTCriterion(
-        args.loss_weights(),
+        args.loss_weights([aux.name for aux in auxiliary_losses]),
         use_bbox_loss=args.use_bbox_loss,
         use_score_loss=args.use_score_loss,
         use_mask_loss=args.use_mask_loss,
         robust=args.robust_ce,
+        auxiliary_losses=auxiliary_losses,
     )
 
 
@@ -86,37 +90,6 @@ class CollatorEpochCallback(TrainerCallback):
         self.collator.set_epoch(epoch_of(state))
 
 
-def load_saved_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-    """The tensors of a `save_pretrained` folder (`model.safetensors` or its sharded index); None without them."""
-    from safetensors.torch import load_file
-
-    single = os.path.join(folder, "model.safetensors")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return load_file(single, device="cpu")
-    if not os.path.isfile(index):
-        return None
-    with open(index, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state.update(load_file(os.path.join(folder, shard), device="cpu"))
-    return state
-
-
-def to_model_keys(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename saved (original-format) keys to the model's parameter names with the checkpoint conversion that
-    transformers registers for the model's class (identity when there is none)."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
-
-    mapping = get_checkpoint_conversion_mapping(type(model).__name__) or []
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    if not renamings:
-        return state_dict
-    return {apply_renamings(k, renamings): v for k, v in state_dict.items()}
-
-
 def _scalar(value: Any) -> float | None:
     """A float from a Python number or a one-element tensor; None for anything else."""
     if isinstance(value, torch.Tensor):
@@ -130,32 +103,32 @@ class PaDTTrainer(Trainer):
     """HF `Trainer` for PaDT SFT.
 
     Args:
-        model: a `PaDTForConditionalGeneration` (optionally with LoRA layers injected, see `padt.train.setup`).
+        model: a `PaDTForConditionalGeneration` (optionally with LoRA layers injected, see `padt.train.lora`).
         args (`PaDTTrainingArguments`).
         data_collator: a `padt.data.PaDTCollator` (its `set_epoch` is called every epoch).
-        criterion (`PaDTCriterion`, *optional*): default `build_criterion(args)`.
-        cell_classes (`CellClasses`, *optional*): the cell-class auxiliary loss; by default built from
-            `args.cell_class_names` with the `processing_class`'s tokenizer when `args.cell_class_loss_coef > 0`.
+        criterion (`PaDTCriterion`, *optional*): default `build_criterion(args, auxiliary_losses)`.
+        auxiliary_losses (`Sequence[AuxiliaryLoss]`, *optional*): extra loss terms (`padt.train.auxiliary`), weighed
+            by `args.<name>_loss_coef`; those the arguments switch on are built by
+            `padt.train.auxiliary.auxiliary_losses_from_args` (`padt.train.run.build_trainer` does). Give them either
+            here or inside `criterion`.
         Other keyword arguments go to `Trainer` (`train_dataset`, `eval_dataset`, `processing_class`, `callbacks`...).
     """
 
     loss_is_scaled_for_ga = False  # per-micro-batch means: the Trainer divides by the accumulation steps
 
     def __init__(self, model: nn.Module, args: PaDTTrainingArguments, data_collator: Any,
-                 criterion: PaDTCriterion | None = None, cell_classes: CellClasses | None = None, **kwargs: Any):
+                 criterion: PaDTCriterion | None = None, auxiliary_losses: Sequence[AuxiliaryLoss] = (),
+                 **kwargs: Any):
         if not isinstance(args, PaDTTrainingArguments):
             raise TypeError(f"args must be PaDTTrainingArguments, got {type(args).__name__}")
         if data_collator is None:
             raise ValueError("PaDTTrainer needs the PaDT collator (data_collator=PaDTCollator(...))")
+        if criterion is not None and auxiliary_losses:
+            raise ValueError("give the auxiliary losses to the criterion (PaDTCriterion(auxiliary_losses=...)) when "
+                             "passing one, not to PaDTTrainer")
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
-        self.criterion = criterion if criterion is not None else build_criterion(args)
-        if cell_classes is None and args.cell_class_loss_coef > 0:
-            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-            if tokenizer is None:
-                raise ValueError("cell_class_loss_coef > 0 needs processing_class (its tokenizer encodes the names)")
-            cell_classes = CellClasses.from_tokenizer(args.cell_class_names, tokenizer, args.cell_class_loss_coef,
-                                                      args.cell_class_match)
-        self.cell_classes = cell_classes
+        self.criterion = criterion if criterion is not None else build_criterion(args, auxiliary_losses)
+        check_auxiliary_wiring(args, self.criterion.loss_keys)
         self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list),
                                                                    "eval": defaultdict(list)}
         self._window = {"train": self._new_window(), "eval": self._new_window()}
@@ -201,8 +174,7 @@ class PaDTTrainer(Trainer):
         from padt.train.step import compute_padt_loss
 
         loss, logs = compute_padt_loss(model, inputs, criterion=self.criterion,
-                                       use_prototype_features=self.use_prototype_features(),
-                                       cell_classes=self.cell_classes)
+                                       use_prototype_features=self.use_prototype_features())
         self._record("train" if model.training else "eval", logs, inputs)
         return (loss, logs) if return_outputs else loss
 
@@ -217,20 +189,10 @@ class PaDTTrainer(Trainer):
     # ------------------------------------------------------------------ resume
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load a checkpoint's weights for resuming, mapping saved key names to the model's (see module doc)."""
-        target = model if model is not None else self.model
         state = load_saved_state_dict(resume_from_checkpoint)
         if state is None or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        result = target.load_state_dict(to_model_keys(target, state), strict=False)
-        tied = set(getattr(target, "_tied_weights_keys", None) or ()) if target.config.tie_word_embeddings else set()
-        missing = sorted(set(result.missing_keys) - tied)
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]}"
-                f"{' ...' if len(missing) > 5 else ''}, unexpected {sorted(result.unexpected_keys)[:5]}"
-            )
-        if tied:
-            target.tie_weights()
+        load_state_dict_strict(model if model is not None else self.model, state, resume_from_checkpoint)
 
     # ------------------------------------------------------------------ metrics
     def _record(self, mode: str, logs: Mapping[str, Any], inputs: Mapping[str, Any]) -> None:

@@ -12,55 +12,39 @@ annotations (no segmentation) get box-shaped cells and no ``rle`` (the mask loss
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 
 import numpy as np
 
-from padt.preprocess import SkipReport, load_coco_instances, ovd_records
-from padt.preprocess.cli import (
-    INPUT_ERRORS,
-    add_grid_args,
-    add_ovd_args,
-    add_rule_args,
-    add_run_args,
-    finish,
-    grid_from_args,
-    ovd_options_from_args,
-    report_input_error,
-    rule_from_args,
-    write_split,
-)
+from padt.geometry.masks import ForegroundRule
+from padt.preprocess import GridSpec, SkipReport, load_coco_instances, ovd_records
+from padt.preprocess.cli import ovd_options_from_args, run_script, script_parser, write_split
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_own_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--annotations", required=True, help="COCO-format JSON (images, annotations, categories)")
     p.add_argument("--output", required=True, help="output JSONL path")
     p.add_argument("--prompt-order", choices=("shuffle", "id"), default="shuffle",
                    help="shuffle (training data, default) or category-id order (evaluation data)")
-    add_ovd_args(p)
-    add_grid_args(p)
-    add_rule_args(p, "ovd")
-    add_run_args(p)
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return script_parser(__doc__, add_own_args, "ovd", ovd=True)
+
+
+def convert(args: argparse.Namespace, grid: GridSpec, rule: ForegroundRule, reports: dict[str, SkipReport]) -> None:
+    coco = load_coco_instances(args.annotations, what="COCO-format annotations")
+    report = reports["output"] = SkipReport()
+    records = ovd_records(
+        coco, options=ovd_options_from_args(args, args.prompt_order == "shuffle"), grid=grid, rule=rule,
+        rng=np.random.default_rng(args.seed), report=report, image_root=args.image_root,
+        progress=not args.no_progress,
+    )
+    write_split(records, args.output, report, f"convert {args.annotations}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    report = SkipReport()
-    try:
-        grid, rule = grid_from_args(args), rule_from_args(args)
-        coco = load_coco_instances(args.annotations, what="COCO-format annotations")
-        records = ovd_records(
-            coco, options=ovd_options_from_args(args, args.prompt_order == "shuffle"), grid=grid, rule=rule,
-            rng=np.random.default_rng(args.seed), report=report, image_root=args.image_root,
-            progress=not args.no_progress,
-        )
-        write_split(records, args.output, report, f"convert {args.annotations}")
-    except INPUT_ERRORS + (pickle.UnpicklingError,) as err:
-        return report_input_error(err)
-    return finish({"output": report}, args)
+    return run_script(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":

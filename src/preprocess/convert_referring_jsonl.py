@@ -11,48 +11,35 @@ Input line: {"image": "a.jpg", "sentence": "the red mug", "bbox": [x1, y1, x2, y
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 
-from padt.preprocess import SkipReport, referring_jsonl_records
-from padt.preprocess.cli import (
-    INPUT_ERRORS,
-    add_grid_args,
-    add_rule_args,
-    add_run_args,
-    finish,
-    grid_from_args,
-    report_input_error,
-    rule_from_args,
-    write_split,
-)
+from padt.geometry.masks import ForegroundRule
+from padt.preprocess import GridSpec, SkipReport, referring_jsonl_records
+from padt.preprocess.cli import run_script, script_parser, write_split
 from padt.preprocess.custom import BBOX_FORMATS
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_own_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="minimal referring JSONL")
     p.add_argument("--output", required=True, help="output JSONL path")
     p.add_argument("--bbox-format", choices=BBOX_FORMATS, default="xyxy", help="pixel box layout (default xyxy)")
-    add_grid_args(p)
-    add_rule_args(p, "refering")
-    add_run_args(p)
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return script_parser(__doc__, add_own_args, "refering")
+
+
+def convert(args: argparse.Namespace, grid: GridSpec, rule: ForegroundRule, reports: dict[str, SkipReport]) -> None:
+    report = reports["output"] = SkipReport()
+    records = referring_jsonl_records(
+        args.input, grid=grid, rule=rule, report=report, image_root=args.image_root,
+        bbox_format=args.bbox_format, progress=not args.no_progress,
+    )
+    write_split(records, args.output, report, f"convert {args.input}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    report = SkipReport()
-    try:
-        grid, rule = grid_from_args(args), rule_from_args(args)
-        records = referring_jsonl_records(
-            args.input, grid=grid, rule=rule, report=report, image_root=args.image_root,
-            bbox_format=args.bbox_format, progress=not args.no_progress,
-        )
-        write_split(records, args.output, report, f"convert {args.input}")
-    except INPUT_ERRORS + (pickle.UnpicklingError,) as err:
-        return report_input_error(err)
-    return finish({"output": report}, args)
+    return run_script(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":

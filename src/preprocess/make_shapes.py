@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from padt.shapes.benchmark import BACKGROUNDS, KINDS, PALETTE, PROMPT_ORDERS, ShapesConfig, generate_dataset
+from padt.shapes import BACKGROUNDS, KINDS, PALETTE, PROMPT_ORDERS, ShapesConfig, generate_dataset
 
 
 def parse_image_size(text: str) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Box helpers for evaluation: IoU and the authors' pixel-box convention for COCO-style results (spec 10.1)."""
+"""Box helpers for evaluation: IoU and the authors' pixel-box convention for COCO-style results
+(docs/evaluation.md#metrics-and-protocols)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def box_iou_xyxy(boxes_a: np.ndarray | Sequence, boxes_b: np.ndarray | Sequence)
 
 
 def authors_box_xywh(box_cxcywh: Sequence[float], width: int, height: int) -> list[int]:
-    """The authors' result box (spec 10.1): normalised (cx, cy, w, h) -> integer pixel [x, y, w, h].
+    """The authors' result box (``infer_dataset`` in ``eval/evaluation_scripts/utils.py``): normalised
+    (cx, cy, w, h) -> integer pixel [x, y, w, h].
 
     x = max(cx - w/2, 0), y = max(cy - h/2, 0); w and h are clipped at 1 (x + w is *not* clipped); then every value is
     multiplied by the original width / height and rounded (Python round, half to even).

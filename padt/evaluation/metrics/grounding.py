@@ -56,7 +56,9 @@ class GroundingCounts:
             threshold: float = 0.5) -> int:
         """Match one sample's predicted boxes `(P, 4)` against its ground truth `(G, 4)` (xyxy, same units);
         returns the number of matches."""
-        n = len(greedy_match(box_iou_xyxy(pred_boxes, gt_boxes), threshold)) if len(pred_boxes) and len(gt_boxes) else 0
+        n = 0
+        if len(pred_boxes) and len(gt_boxes):
+            n = len(greedy_match(box_iou_xyxy(pred_boxes, gt_boxes), threshold))
         self.matched += n
         self.predicted += len(pred_boxes)
         self.annotated += len(gt_boxes)

@@ -1,9 +1,10 @@
 """REC metrics: accuracy at an IoU threshold, per sample (top-1) and the authors' best-of-N over echo keys.
 
 Standard protocol: one predicted box per sample (the first object of the completion, keyed by sample); a sample
-without a predicted object is a miss.  Paper protocol (spec 10.3): predictions and ground truth are joined on the
-key ``"{image_id}_{label}"`` where the prediction's label is the sentence the model echoed; each key scores the
-*maximum* IoU over all predicted objects sharing it, and a key without a prediction scores 0.
+without a predicted object is a miss.  Paper protocol (the authors' ``eval/evaluation_scripts/eval_refcoco.py``;
+docs/evaluation.md#metrics-and-protocols): predictions and ground truth are joined on the key
+``"{image_id}_{label}"`` where the prediction's label is the sentence the model echoed; each key scores the *maximum*
+IoU over all predicted objects sharing it, and a key without a prediction scores 0.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def top1_box_ious(pred_boxes: Sequence[Sequence[float] | None], gt_boxes: Sequen
 def best_iou_per_key(
     gt: Mapping[Hashable, object], preds: Iterable[tuple[Hashable, object]], iou_fn
 ) -> dict[Hashable, float]:
-    """Best-of-N join (spec 10.3): for each ground-truth key, the max of `iou_fn(pred, gt[key])` over predictions
-    with that key; 0.0 for keys without a prediction. Predictions whose key is not in `gt` are ignored (they are
-    paraphrased echoes or hallucinated labels; the caller counts them)."""
+    """Best-of-N join (the authors' ``eval_refcoco.py``): for each ground-truth key, the max of
+    `iou_fn(pred, gt[key])` over predictions with that key; 0.0 for keys without a prediction. Predictions whose key
+    is not in `gt` are ignored (they are paraphrased echoes or hallucinated labels; the caller counts them)."""
     best = {key: 0.0 for key in gt}
     for key, pred in preds:
         if key in best:

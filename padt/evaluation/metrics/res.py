@@ -3,8 +3,9 @@
 - ``cIoU`` = sum of intersections / sum of unions over all samples (the RefCOCO segmentation convention; large objects
   weigh more);
 - ``gIoU`` = mean of the per-sample IoUs;
-- the authors' "cIoU" (spec 10.3) is neither: it is the mean over echo keys of the *best* mask IoU among the
-  predictions sharing the key (``padt.evaluation.metrics.rec.best_iou_per_key`` with :func:`mask_iou`).
+- the authors' "cIoU" (``eval/evaluation_scripts/eval_refcoco.py``; docs/evaluation.md#metrics-and-protocols) is
+  neither: it is the mean over echo keys of the *best* mask IoU among the predictions sharing the key
+  (``padt.evaluation.metrics.rec.best_iou_per_key`` with :func:`mask_iou`).
 
 A sample without a predicted mask has intersection 0 and union = the ground-truth area. When both masks are empty the
 IoU is defined as 1 (nothing to find, nothing found).
@@ -40,12 +41,18 @@ def mask_iou(pred_rle: dict | None, gt_rle: dict) -> float:
     return inter / union if union else 1.0
 
 
-def ciou(intersections: Sequence[int], unions: Sequence[int]) -> float:
-    """Cumulative IoU: sum(I) / sum(U) over samples (`(N,)` each; 0.0 when N = 0, 1.0 when every union is 0)."""
+def _float_pairs(intersections: Sequence[int], unions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample intersections and unions as float64 arrays of one shape `(N,)`; ValueError if the shapes differ."""
     inter = np.asarray(intersections, dtype=np.float64)
     union = np.asarray(unions, dtype=np.float64)
     if inter.shape != union.shape:
         raise ValueError(f"intersections {inter.shape} and unions {union.shape} must have the same shape")
+    return inter, union
+
+
+def ciou(intersections: Sequence[int], unions: Sequence[int]) -> float:
+    """Cumulative IoU: sum(I) / sum(U) over samples (`(N,)` each; 0.0 when N = 0, 1.0 when every union is 0)."""
+    inter, union = _float_pairs(intersections, unions)
     if inter.size == 0:
         return 0.0
     return float(inter.sum() / union.sum()) if union.sum() > 0 else 1.0
@@ -53,10 +60,7 @@ def ciou(intersections: Sequence[int], unions: Sequence[int]) -> float:
 
 def giou(intersections: Sequence[int], unions: Sequence[int]) -> float:
     """Mean of the per-sample IoUs I/U (a sample with U = 0 has IoU 1); 0.0 when N = 0."""
-    inter = np.asarray(intersections, dtype=np.float64)
-    union = np.asarray(unions, dtype=np.float64)
-    if inter.shape != union.shape:
-        raise ValueError(f"intersections {inter.shape} and unions {union.shape} must have the same shape")
+    inter, union = _float_pairs(intersections, unions)
     if inter.size == 0:
         return 0.0
     ious = np.divide(inter, union, out=np.ones_like(inter), where=union > 0)

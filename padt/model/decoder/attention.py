@@ -1,11 +1,13 @@
-"""Variable-length attention backends for the PaDT decoder.
+"""Attention of the PaDT decoder: packed variable-length segments, three backends, and the attention module.
 
 The decoder keeps every stream *packed*: the tokens of all objects are concatenated along dim 0 and a
 :class:`VarlenLayout` records where each object's segment starts (``cu_seqlens``), as flash-attention's varlen
 API does. Attention pairs query segment ``i`` with key segment ``i`` only (no cross-object attention), is not
-causal and has no dropout.
+causal and has no dropout (docs/method.md#the-decoder; the authors' `PaDTDecoderFlashAttention2` in
+`src/PaDT/models/padt_decoder.py`).
 
-Backends (``ATTENTION_BACKENDS``):
+Backends (``ATTENTION_BACKENDS``; their names, ``ATTN_IMPLEMENTATIONS``, are what `PaDTConfig` and the training
+arguments accept):
 
 * ``"sdpa"`` (default): pad each segment to the longest one, run
   :func:`torch.nn.functional.scaled_dot_product_attention` with a key-padding mask, unpad.
@@ -22,9 +24,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch import nn
 
-__all__ = ["ATTENTION_BACKENDS", "VarlenLayout", "apply_rotary", "get_attention_backend", "varlen_attention"]
+from padt.model.decoder import fused
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "ATTN_IMPLEMENTATIONS",
+    "RotaryPE",
+    "VarlenAttention",
+    "VarlenLayout",
+    "apply_rotary",
+    "get_attention_backend",
+    "varlen_attention",
+]
+
+RotaryPE = tuple[torch.Tensor, torch.Tensor]  # the ViT rotary (cos, sin) tables, each (T, head_dim)
 
 
 @dataclass(frozen=True)
@@ -98,33 +113,6 @@ class VarlenLayout:
         return flat.index_select(0, self.token_index)
 
 
-class _Rotary(torch.autograd.Function):
-    """``x * cos + rotate_half(x) * sin`` for fp32 ``x`` with a hand-written backward.
-
-    Same arithmetic as the plain expression (each half is ``x_a * c_a -/+ x_b * s_a``), but without the ``cat``/``neg``
-    temporaries and without saving ``x``: the backward is ``g * cos + rotate_half^T(g * sin)``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x.shape[-1] // 2
-        out = torch.mul(x, cos)
-        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)  # x1*c1 + (-x2)*s1
-        out[..., h:].addcmul_(x[..., :h], sin[..., h:])  # x2*c2 + x1*s2
-        ctx.save_for_backward(cos, sin)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        cos, sin = ctx.saved_tensors
-        h = grad.shape[-1] // 2
-        gx = torch.mul(grad, cos)
-        gx[..., :h].addcmul_(grad[..., h:], sin[..., h:])  # d/dx1 of x1*s2 in the second half
-        gx[..., h:].addcmul_(grad[..., :h], sin[..., :h], value=-1)  # d/dx2 of -x2*s1 in the first half
-        return gx, None, None
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """GPT-NeoX (rotate-half) rotary embedding over the whole head, computed in fp32.
 
@@ -137,8 +125,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """
     cos = cos.float()[:, None, :]  # T x 1 x head_dim, shared by all heads
     sin = sin.float()[:, None, :]
-    if x.dtype == torch.float32 and not (cos.requires_grad or sin.requires_grad):
-        return _Rotary.apply(x, cos, sin)
+    if fused.use_fused(x) and not (cos.requires_grad or sin.requires_grad):
+        return fused.rotary(x, cos, sin)
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -201,6 +189,7 @@ ATTENTION_BACKENDS: dict[str, AttentionFn] = {
     "eager": eager_varlen_attention,
     "flash_attention_2": flash_varlen_attention,
 }
+ATTN_IMPLEMENTATIONS = tuple(ATTENTION_BACKENDS)  # ("sdpa", "eager", "flash_attention_2")
 
 
 def get_attention_backend(name: str) -> AttentionFn:
@@ -235,3 +224,64 @@ def varlen_attention(
         )
     backend = get_attention_backend(implementation)
     return backend(q, k, v, layout_q, layout_k, 1.0 / math.sqrt(q.shape[-1]))
+
+
+class VarlenAttention(nn.Module):
+    """Multi-head attention over packed segments (``q_proj``, ``k_proj``, ``v_proj``, ``proj``; all with bias).
+
+    Rotary PE, when given, rotates the projected queries (`q_rope`) or keys (`k_rope`) per head; the decoder rotates
+    one side only, the image memory's, so scores depend on the memory rows' absolute positions.
+
+    Args:
+        hidden_size (`int`): model width D (input and output).
+        num_heads (`int`): attention heads; head_dim = D / num_heads.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def separate_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], self.num_heads, self.head_dim)  # T x D -> T x N_heads x C_per_head
+
+    @staticmethod
+    def recombine_heads(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)  # T x N_heads x C_per_head -> T x D
+
+    def forward(
+        self,
+        q_in: torch.Tensor,
+        k_in: torch.Tensor,
+        v_in: torch.Tensor,
+        layout_q: VarlenLayout,
+        layout_k: VarlenLayout,
+        *,
+        q_rope: RotaryPE | None = None,
+        k_rope: RotaryPE | None = None,
+        implementation: str = "sdpa",
+    ) -> torch.Tensor:
+        """Attention of each query segment over its key segment.
+
+        Args:
+            q_in (`torch.Tensor` of shape `(Tq, D)`): packed query inputs, segments in `layout_q`.
+            k_in, v_in (`torch.Tensor` of shape `(Tk, D)`): packed key and value inputs, segments in `layout_k`.
+            q_rope, k_rope (`RotaryPE`, *optional*): (cos, sin) of shape `(Tq, head_dim)` / `(Tk, head_dim)`.
+            implementation (`str`): one of `ATTN_IMPLEMENTATIONS`.
+
+        Returns:
+            `torch.Tensor` of shape `(Tq, D)`.
+        """
+        q = self.separate_heads(self.q_proj(q_in))  # Tq x N_heads x C_per_head
+        k = self.separate_heads(self.k_proj(k_in))  # Tk x N_heads x C_per_head
+        v = self.separate_heads(self.v_proj(v_in))
+        if q_rope is not None:
+            q = apply_rotary(q, *q_rope)
+        if k_rope is not None:
+            k = apply_rotary(k, *k_rope)
+        out = varlen_attention(q, k, v, layout_q, layout_k, implementation)  # Tq x N_heads x C_per_head
+        return self.proj(self.recombine_heads(out))

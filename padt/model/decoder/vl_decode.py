@@ -1,6 +1,8 @@
-"""`vl_decode`: pack per-sample object features for :class:`~padt.model.decoder.decoder.PaDTDecoder` and unpack its outputs.
+"""`vl_decode`: pack per-sample object features for :class:`~padt.model.decoder.decoder.PaDTDecoder`, unpack its
+outputs.
 
-This is the authors' ``PaDTForConditionalGeneration.vl_decode`` (spec 3.9) with three changes:
+This is the authors' ``PaDTForConditionalGeneration.vl_decode`` in `src/PaDT/models/padt.py`
+(docs/method.md#the-decoder) with three changes:
 
 * geometry comes from ``spatial_merge_size`` (the authors hard-code ``// 4``);
 * a sample may own several images or none (``image_sample_idx``), with an explicit object -> image assignment

@@ -1,30 +1,22 @@
-"""Building blocks of a training run, kept out of the entry point so that tests and notebooks can use them:
-load the model and processor, prepare the model (freezing, LoRA), build the dataset + collator, merge LoRA weights
-into a saved checkpoint.
+"""Building a training run from its arguments: the model, the processor, freezing (and LoRA, `padt.train.lora`), and
+the dataset + collator.
 
-LoRA. Adapters are injected into the LLM's linear layers only (`peft.inject_adapter_in_model`, no `PeftModel`
-wrapper), so the model stays a `PaDTForConditionalGeneration`: `vis_norm`, `vis_proj` and `vl_decoder` are trained
-fully, checkpoints hold the whole state (resume works as without LoRA), and `merge_lora_checkpoint` turns the final
-save into a plain PaDT checkpoint (`W + scale * B @ A`) that loads without peft.
+Where it sits: `padt.train.run` parses the arguments (`padt.train.arguments`), builds the run here, then hands it to
+`PaDTTrainer` (`padt.train.trainer`), whose `compute_loss` calls `padt.train.step`. Kept out of the entry point so that
+tests and notebooks can use the pieces.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import re
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from padt.train.arguments import PaDTScriptArguments, PaDTTrainingArguments
+from padt.train.lora import apply_lora
 
-logger = logging.getLogger(__name__)
-
-PADT_TRAINABLE_MODULES = ("vis_norm", "vis_proj", "vl_decoder")
 PROCESSOR_FILE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
 MODEL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -56,8 +48,7 @@ def load_model(script_args: PaDTScriptArguments, args: PaDTTrainingArguments):
     initialised, and `args.use_visual_prototype_projection` (default True) is applied to the config. A PaDT
     checkpoint keeps its own setting; asking for the other one raises `ValueError`.
     """
-    from padt.model.configuration import PaDTConfig
-    from padt.model.modeling import PaDTForConditionalGeneration
+    from padt.model.backbones.qwen2_5_vl import PaDTConfig, PaDTForConditionalGeneration
 
     path = script_args.model_name_or_path
     common = {"trust_remote_code": script_args.trust_remote_code}
@@ -99,41 +90,7 @@ def load_padt_processor(script_args: PaDTScriptArguments, vrt_base_id: int):
     return processor
 
 
-# ============================================================================ freezing and LoRA
-def lora_target_pattern(names: list[str]) -> str:
-    """Regex (full match on module names) selecting the given linear layers inside the LLM's decoder layers only."""
-    if not names:
-        raise ValueError("lora_target_modules is empty")
-    alternatives = "|".join(re.escape(n) for n in names)
-    return rf"(?:.*\.)?language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{alternatives})"
-
-
-def lora_scale(args: PaDTTrainingArguments) -> float:
-    return float(args.lora_alpha) / float(args.lora_r)
-
-
-def apply_lora(model: nn.Module, args: PaDTTrainingArguments) -> int:
-    """Inject LoRA adapters into the LLM's linear layers, in place; returns the number of adapted layers.
-
-    Afterwards only the adapters and the PaDT modules (`vis_norm`, `vis_proj`, `vl_decoder`) require gradients.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-                        target_modules=lora_target_pattern(list(args.lora_target_modules)))
-    inject_adapter_in_model(config, model)
-    adapted = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
-    if adapted == 0:
-        raise ValueError(f"no LLM layer matched lora_target_modules={args.lora_target_modules}")
-    for name, param in model.named_parameters():
-        param.requires_grad_(".lora_A." in name or ".lora_B." in name)
-    for name in PADT_TRAINABLE_MODULES:
-        module = getattr(model, name, None)
-        if module is not None:
-            module.requires_grad_(True)
-    return adapted
-
-
+# ============================================================================ freezing (and LoRA)
 def register_zero3_external_parameters(model: nn.Module) -> int:
     """Under DeepSpeed ZeRO-3, register the decoder's embedding tables as external parameters of the decoder.
 
@@ -200,55 +157,3 @@ def build_train_data(script_args: PaDTScriptArguments, args: PaDTTrainingArgumen
         mask_upscale=mask_upscale,
     )
     return dataset, collator
-
-
-# ============================================================================ LoRA merge of a saved checkpoint
-def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scale: float,
-                          adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Fold LoRA adapters into their base weights: `X.weight = X.base_layer.weight + scale * B @ A` (in fp32, cast
-    back), `X.base_layer.bias -> X.bias`; adapter keys are dropped. Keys without adapters are kept as they are."""
-    out: dict[str, torch.Tensor] = {}
-    suffix_a, suffix_b = f".lora_A.{adapter_name}.weight", f".lora_B.{adapter_name}.weight"
-    for key, value in state_dict.items():
-        if ".lora_A." in key or ".lora_B." in key or ".lora_dropout." in key:
-            continue
-        if ".base_layer." not in key:
-            out[key] = value
-            continue
-        prefix, leaf = key.split(".base_layer.", 1)
-        if leaf == "weight":
-            a, b = state_dict.get(prefix + suffix_a), state_dict.get(prefix + suffix_b)
-            if a is None or b is None:
-                raise ValueError(f"{key} has no {adapter_name!r} LoRA pair ({prefix}{suffix_a}, {prefix}{suffix_b})")
-            value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)
-        out[f"{prefix}.{leaf}"] = value
-    return out
-
-
-def merge_lora_checkpoint(checkpoint_dir: str | os.PathLike, scale: float) -> int:
-    """Rewrite the safetensors weights of a saved model folder with its LoRA adapters merged (see
-    `merge_lora_state_dict`); returns the number of merged layers (0: nothing to do)."""
-    from huggingface_hub import save_torch_state_dict
-    from safetensors.torch import load_file
-
-    folder = Path(checkpoint_dir)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors(.index.json) in {folder}")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(folder / name)))
-    merged_layers = sum(1 for k in state if ".lora_A." in k)
-    if merged_layers == 0:
-        return 0
-    merged = merge_lora_state_dict(state, scale)
-    for name in files:
-        (folder / name).unlink()
-    index.unlink(missing_ok=True)
-    save_torch_state_dict(merged, str(folder), metadata={"format": "pt"})
-    return merged_layers
