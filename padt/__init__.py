@@ -7,8 +7,7 @@ flash_attn.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from padt._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,14 +30,7 @@ _EXPORTS = {
     "Prediction": "padt.inference.predictor",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", *_EXPORTS]  # noqa: PLE0604 (the names are the keys: one list, not two)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'padt' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

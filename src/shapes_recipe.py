@@ -258,8 +258,8 @@ Trains the tiny PaDT shapes model from scratch on CPU and evaluates it (docs/sha
    colour x kind classes (OUTPUT_DIR/run; a rerun resumes);
 5. eval: evaluates the final model on the held-out scenes with eval/evaluate.py (OUTPUT_DIR/eval; skip with EVAL=0).
 About 24 minutes on 2 CPU cores (data 0.7, stage 0 5.5, PaDT training 17, evaluation 1; slower CPUs take up to twice
-that; docs/shapes.md has the figures). The shipped model (padt/assets/tiny_default) was trained longer, in several
-continued runs (docs/shapes.md).
+that; docs/results.md has the figures). The shipped model (padt/assets/tiny_default) was trained longer, in several
+continued runs (docs/results.md).
 
 Arguments:
   OUTPUT_DIR            folder for data, init, init_vision, run and eval (created); a rerun reuses what is there

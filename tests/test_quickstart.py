@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from padt.processing import torchvision_available
-from padt.testing.tokenizer import build_tiny_processor, build_tiny_tokenizer
 from padt.testing.models import tiny_padt_config_for_tokenizer
+from padt.testing.tokenizer import build_tiny_processor, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def checkpoint(tmp_path_factory):
 
 def test_authors_quickstart_runs_unchanged(checkpoint):
     path, image_path = checkpoint
-    TEST_IMG_PATH, MODEL_PATH = str(image_path), str(path)  # noqa: N806 (the quick-start's names)
+    TEST_IMG_PATH, MODEL_PATH = str(image_path), str(path)
 
     # ---- the quick-start; the two imports below are the only substitutions, and only without torchvision ----
     from transformers import AutoProcessor
@@ -48,7 +48,7 @@ def test_authors_quickstart_runs_unchanged(checkpoint):
         from padt.processing import load_processor as _load
         from padt.processing import process_vision_info
 
-        AutoProcessor = type("AutoProcessor", (), {"from_pretrained": staticmethod(_load)})  # noqa: N806
+        AutoProcessor = type("AutoProcessor", (), {"from_pretrained": staticmethod(_load)})
 
     model = PaDTForConditionalGeneration.from_pretrained(MODEL_PATH, torch_dtype=torch.bfloat16,
                                                          device_map={"": "cpu"})

@@ -132,7 +132,7 @@ def test_shapes_ablations_reject_an_unknown_variant(tmp_path):
 
 
 def test_shapes_ablations_keep_the_recipe_they_were_measured_with(tmp_path):
-    """The README's ablation table was measured with the shapes script's earlier defaults: 2e-3, no stage 0, no
+    """The ablation table in docs/results.md was measured with the shapes script's earlier defaults: 2e-3, no stage 0, no
     cell-category loss. The ablation script pins them whatever the shapes script's defaults are now."""
     make_small_shapes(tmp_path / "data", {"train": 8, "val": 2})
     env = {**os.environ, "VARIANTS": "full", "MAX_STEPS": "1", "EVAL": "0", "PYTHON": sys.executable,

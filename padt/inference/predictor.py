@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import LogitsProcessorList
 
-from padt.model.backbones.qwen2_5_vl import PaDTForConditionalGeneration
+from padt.model.backbones import padt_classes_for
+from padt.model.modeling import PaDTModelMixin
 from padt.processing.features import gather_object_features, unpack_per_object
 from padt.processing.generation import DistinctVRTLogitsProcessor
 from padt.processing.processor import PaDTProcessor
@@ -83,7 +84,7 @@ class PaDTPredictor:
 
     def __init__(
         self,
-        model: PaDTForConditionalGeneration,
+        model: PaDTModelMixin,
         processor: PaDTProcessor,
         max_new_tokens: int = 256,
         distinct_vrts: bool = False,
@@ -103,7 +104,8 @@ class PaDTPredictor:
         default dtype: bfloat16 on cuda, float32 on cpu."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = PaDTForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        _, model_class = padt_classes_for(path)
+        model = model_class.from_pretrained(path, dtype=dtype).to(device)
         processor = PaDTProcessor.from_pretrained(path, vrt_base_id=model.config.vrt_base_id)
         return cls(model, processor, **kwargs)
 

@@ -10,8 +10,7 @@ lazily (PEP 562), so that ``padt.processing.vrt`` and ``padt.processing.parsing`
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from padt._lazy import lazy_exports
 
 _EXPORTS = {
     # padt's processor and its checks
@@ -39,13 +38,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module 'padt.processing' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,8 +9,7 @@ manifest). The names below are imported lazily (PEP 562), so `import padt.shapes
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from padt._lazy import lazy_exports
 
 _EXPORTS = {
     "BACKGROUNDS": "padt.shapes.options",
@@ -46,11 +45,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'padt.shapes' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

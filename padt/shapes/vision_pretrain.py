@@ -3,7 +3,7 @@
 Real PaDT starts from Qwen2.5-VL, whose vision tower is pretrained. The tiny shapes model starts from random weights,
 and trained end to end it learns colours and positions but not shape kinds: a linear probe on the merged cell
 features of the 13 000-step model tells a cell's kind in 52 % of cases (the most frequent kind alone gives 41 %), and
-its OVD labels are right for 36 % of its correctly placed boxes, chance for three kinds (docs/shapes.md). This module
+its OVD labels are right for 36 % of its correctly placed boxes, chance for three kinds (docs/results.md). This module
 is the tiny model's stand-in for the pretrained tower: before PaDT training, the tower plus three linear heads learn,
 for each merged cell of the training images, its class (background or the category of the object covering most of
 it), its pooled pixels and its position (`VisionCellPretrainer` says why all three). The merged features are then
@@ -217,7 +217,7 @@ class VisionCellPretrainer(nn.Module):
     (cross-entropy), its pooled pixels (`cell_pixel_targets`) and its position in the image (`cell_positions`), the
     last two by mean squared error with weights `pixel_loss_weight` and `position_loss_weight`.
 
-    The class alone is not enough (docs/shapes.md): it collapses the features of all cells of one kind together, and
+    The class alone is not enough (docs/results.md): it collapses the features of all cells of one kind together, and
     PaDT training from such a tower stalled, since the features are also the VRT prototypes the LLM points with. The
     pixels keep colour and local geometry in the features, and the position the place of the cell (a random tower
     carries it through its rotary attention, and PaDT training from a tower without it stalled as well).
@@ -317,10 +317,10 @@ def pretrain_vision(
     from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
-    from padt.model.backbones.qwen2_5_vl import PaDTForConditionalGeneration
+    from padt.model.backbones import padt_classes_for
     from padt.processing.qwen import load_processor
 
-    model = PaDTForConditionalGeneration.from_pretrained(model_dir)
+    model = padt_classes_for(model_dir)[1].from_pretrained(model_dir)
     processor = load_processor(model_dir)
     image_processor = processor.image_processor
     pretrainer = VisionCellPretrainer(model.model.visual, len(class_names) + 1)

@@ -42,29 +42,30 @@ def resolve_model_dtype(script_args: PaDTScriptArguments, args: PaDTTrainingArgu
 
 
 def load_model(script_args: PaDTScriptArguments, args: PaDTTrainingArguments):
-    """`PaDTForConditionalGeneration.from_pretrained` with the run's dtype and attention.
+    """The PaDT model of the checkpoint's backbone (`padt.model.backbones`), with the run's dtype and attention.
 
-    A base Qwen2.5-VL checkpoint (no `vl_decoder` in its config) starts PaDT training: the PaDT modules are
+    A base backbone checkpoint (no `vl_decoder` in its config) starts PaDT training: the PaDT modules are
     initialised, and `args.use_visual_prototype_projection` (default True) is applied to the config. A PaDT
     checkpoint keeps its own setting; asking for the other one raises `ValueError`.
     """
-    from padt.model.backbones.qwen2_5_vl import PaDTConfig, PaDTForConditionalGeneration
+    from padt.model.backbones import padt_classes_for
 
     path = script_args.model_name_or_path
     common = {"trust_remote_code": script_args.trust_remote_code}
-    raw, _ = PaDTConfig.get_config_dict(path, **common)
-    config = PaDTConfig.from_pretrained(path, **common)
+    config_class, model_class = padt_classes_for(path, **common)
+    raw, _ = config_class.get_config_dict(path, **common)
+    config = config_class.from_pretrained(path, **common)
     wanted = args.use_visual_prototype_projection
     if wanted is not None:
         if "vl_decoder" in raw and bool(raw.get("use_visual_prototype_projection", True)) != wanted:
             raise ValueError(
                 f"{path} is a PaDT checkpoint with use_visual_prototype_projection="
                 f"{raw.get('use_visual_prototype_projection', True)}; --use_visual_prototype_projection {wanted} "
-                "only applies when starting from a base Qwen2.5-VL model"
+                "only applies when starting from a base (non-PaDT) checkpoint"
             )
         config.use_visual_prototype_projection = wanted
     config.use_cache = False
-    return PaDTForConditionalGeneration.from_pretrained(
+    return model_class.from_pretrained(
         path, config=config, dtype=resolve_model_dtype(script_args, args),
         attn_implementation=args.attn_implementation, **common,
     )

@@ -1,12 +1,13 @@
 """Backbones PaDT runs on, one module each, behind one interface (`base.VisionLanguageBackbone`).
 
-`padt_model_class(model_type)` picks the PaDT model class for a checkpoint's `config.json` `model_type`, so loading
-code never names a backbone. Adding a backbone = one module + one line in `BACKBONES`.
+`padt_classes_for(path_or_config)` picks the PaDT config and model classes from a checkpoint's `config.json`
+`model_type`, so loading code never names a backbone. Adding a backbone = one module + one line in `BACKBONES`.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 # model_type of the checkpoint's config.json -> module defining PaDTConfig-like and PaDT model classes
@@ -34,3 +35,21 @@ def padt_config_class(model_type: str) -> Any:
     """The PaDT config class for a backbone's `model_type`."""
     module, config, _ = _lookup(model_type)
     return getattr(importlib.import_module(module), config)
+
+
+def padt_classes_for(pretrained: str | os.PathLike | Any, **hub_kwargs: Any) -> tuple[Any, Any]:
+    """`(config class, model class)` for a checkpoint folder / hub id (read from its `config.json`) or a config object.
+
+    `hub_kwargs` (`revision`, `cache_dir`, `local_files_only`, `token`, `trust_remote_code`, ...) go to
+    `PretrainedConfig.get_config_dict`.
+    """
+    if hasattr(pretrained, "model_type") and not isinstance(pretrained, (str, os.PathLike)):
+        model_type = pretrained.model_type
+    else:
+        from transformers import PretrainedConfig
+
+        raw, _ = PretrainedConfig.get_config_dict(str(pretrained), **hub_kwargs)
+        model_type = raw.get("model_type")
+        if model_type is None:
+            raise ValueError(f"{pretrained}: config.json has no model_type, so its backbone is unknown")
+    return padt_config_class(model_type), padt_model_class(model_type)

@@ -13,7 +13,7 @@ shapes are those of the released checkpoints' ``vl_decoder.*`` keys (docs/method
 :mod:`~padt.model.decoder.layers`, the attention in :mod:`~padt.model.decoder.attention`.
 
 Ordering (docs/method.md#feature-order): ``low_res_embeds`` are in raster merged order; ``high_res_embeds`` and
-``visual_pe`` come in the order named by ``feature_order``. With ``"window"`` (the authors', required by the released
+``pos_embeds`` come in the order named by ``feature_order``. With ``"window"`` (the authors', required by the released
 weights) they are in the ViT's window order, the low-res PE is sub-patch 0 of each group of merge^2 PE rows, and the
 mask places high-res row p of an image at patch (p // w, p % w) although the rows are not in raster order.
 ``"merge_block"`` is the geometrically consistent alternative for models trained from scratch (see
@@ -38,7 +38,7 @@ NUM_TASK_TOKENS = 3  # rows of bbox_score_mask_tokens: 0 box, 1 score, 2 mask
 # SPLIT x SPLIT grid of sub-pixels, so one high-res row becomes a (SPLIT^2 x SPLIT^2) = 4 x 4 block of mask logits.
 MASK_SUBPIXEL_SPLIT = 2
 
-# Row orders of high_res_embeds / visual_pe: the one definition, also used by PaDTConfig.vrt_feature_order and
+# Row orders of high_res_embeds / pos_embeds: the one definition, also used by PaDTConfig.vrt_feature_order and
 # padt.model.vision.encode_images.
 FEATURE_ORDERS = ("window", "merge_block")
 
@@ -168,7 +168,7 @@ class PaDTDecoder(nn.Module):
         vrt_lengths: Sequence[int] | torch.Tensor,
         low_res_embeds: torch.Tensor,
         high_res_embeds: torch.Tensor,
-        visual_pe: RotaryPE,
+        pos_embeds: RotaryPE,
         image_grid_thw: torch.Tensor,
         object_image_idx: Sequence[int] | torch.Tensor,
         compute_mask: bool | None = None,
@@ -181,7 +181,7 @@ class PaDTDecoder(nn.Module):
             low_res_embeds (`torch.Tensor` of shape `(sum_i n_i / merge^2, L)`): prototypes of all images,
                 raster merged order, images concatenated.
             high_res_embeds (`torch.Tensor` of shape `(sum_i n_i, D)`): pre-merger ViT states, window order.
-            visual_pe (`tuple` of two `torch.Tensor` of shape `(sum_i n_i, head_dim)`): ViT rotary (cos, sin).
+            pos_embeds (`tuple` of two `torch.Tensor` of shape `(sum_i n_i, head_dim)`): ViT rotary (cos, sin).
             image_grid_thw (`torch.Tensor` of shape `(num_images, 3)`): (t, h, w) in patches; n_i = t*h*w, t = 1.
             object_image_idx (`Sequence[int]` of length N): the image each object belongs to.
             compute_mask (`bool`, *optional*): run the mask head; defaults to `use_mask_head`.
@@ -195,9 +195,9 @@ class PaDTDecoder(nn.Module):
         m2 = self.spatial_merge_size**2
         device = vrt_features.device
         vrt_lengths, object_image_idx, grid = self._check_inputs(
-            vrt_features, vrt_lengths, low_res_embeds, high_res_embeds, visual_pe, image_grid_thw, object_image_idx
+            vrt_features, vrt_lengths, low_res_embeds, high_res_embeds, pos_embeds, image_grid_thw, object_image_idx
         )
-        cos, sin = visual_pe
+        cos, sin = pos_embeds
         n_high = grid.prod(-1)  # (num_images,) patches per image, on the host
         obj_grid = grid[torch.as_tensor(object_image_idx, dtype=torch.long)]  # N x 3, host
         hi_lens = obj_grid.prod(-1).tolist()
@@ -281,7 +281,7 @@ class PaDTDecoder(nn.Module):
         self,
         low_res_embeds: torch.Tensor,
         high_res_embeds: torch.Tensor,
-        visual_pe: RotaryPE,
+        pos_embeds: RotaryPE,
         image_grid_thw: torch.Tensor,
     ) -> torch.Tensor:
         """Validate the per-image memories against `image_grid_thw`; return the grid as a CPU int64 (I, 3) tensor.
@@ -307,15 +307,15 @@ class PaDTDecoder(nn.Module):
             raise ValueError(
                 f"high_res_embeds must be ({n_high}, {self.hidden_size}), got {tuple(high_res_embeds.shape)}"
             )
-        if not isinstance(visual_pe, (tuple, list)) or len(visual_pe) != 2:
+        if not isinstance(pos_embeds, (tuple, list)) or len(pos_embeds) != 2:
             raise ValueError("visual_pe must be a (cos, sin) pair of tensors")
-        for name, t in zip(("cos", "sin"), visual_pe):
+        for name, t in zip(("cos", "sin"), pos_embeds):
             if not torch.is_tensor(t) or t.dim() != 2 or tuple(t.shape) != (n_high, self.head_dim):
                 shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
                 raise ValueError(f"visual_pe {name} must be ({n_high}, {self.head_dim}), got {shape}")
         return grid
 
-    def _check_inputs(self, vrt_features, vrt_lengths, low, high, visual_pe, image_grid_thw, object_image_idx):
+    def _check_inputs(self, vrt_features, vrt_lengths, low, high, pos_embeds, image_grid_thw, object_image_idx):
         lengths, obj_img = _int_list(vrt_lengths), _int_list(object_image_idx)
         if not lengths:
             raise ValueError("PaDTDecoder.forward needs at least one object (vl_decode handles the empty case)")
@@ -327,7 +327,7 @@ class PaDTDecoder(nn.Module):
             raise ValueError(f"vrt_features must be (n, {self.llm_hidden_size}), got {tuple(vrt_features.shape)}")
         if vrt_features.shape[0] != sum(lengths):
             raise ValueError(f"vrt_features has {vrt_features.shape[0]} rows but vrt_lengths sum to {sum(lengths)}")
-        grid = self.check_image_inputs(low, high, visual_pe, image_grid_thw)
+        grid = self.check_image_inputs(low, high, pos_embeds, image_grid_thw)
         if min(obj_img) < 0 or max(obj_img) >= grid.shape[0]:
             raise ValueError(f"object_image_idx {obj_img} out of range for {grid.shape[0]} images")
         return lengths, obj_img, grid
