@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from padt.model.modeling import PADT_MODULE_NAMES
 from padt.train.arguments import PaDTTrainingArguments
 from padt.train.checkpoints import INDEX_FILE, load_saved_state_dict, weight_files
 
 __all__ = ["apply_lora", "lora_scale", "lora_target_pattern", "merge_lora_checkpoint", "merge_lora_state_dict"]
 
-PADT_TRAINABLE_MODULES = ("vis_norm", "vis_proj", "vl_decoder")  # trained fully next to the adapters
 
 
 # ============================================================================ adapters
@@ -54,7 +54,7 @@ def apply_lora(model: nn.Module, args: PaDTTrainingArguments) -> int:
         raise ValueError(f"no LLM layer matched lora_target_modules={args.lora_target_modules}")
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
-    for name in PADT_TRAINABLE_MODULES:
+    for name in PADT_MODULE_NAMES:  # trained fully next to the adapters
         module = getattr(model, name, None)
         if module is not None:
             module.requires_grad_(True)

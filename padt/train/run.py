@@ -6,9 +6,8 @@ training `PaDTTrainer.compute_loss` -> `padt.train.step` -> `padt.train.criterio
 
 Launch with torchrun or accelerate for several processes (see `run_scripts/padt_*_sft.sh` and `docs/training.md`):
 
-    torchrun --nproc_per_node 8 -m padt.train --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct \
-        --data_config configs/data/pro.yaml --output_dir outputs/padt_pro_3b --num_train_epochs 4 \
-        --per_device_train_batch_size 16 --deepspeed configs/deepspeed/zero3.json
+    torchrun --nproc_per_node 8 -m padt.train --config configs/train/sft_3b.yaml \
+        --data_config configs/data/pro.yaml --output_dir outputs/padt_pro_3b
 
 A run whose output directory already holds `checkpoint-*` folders resumes from the last one (`--resume_from_checkpoint
 PATH` picks one, `--resume_from_checkpoint false` starts over). Arguments: `python -m padt.train --help`.
