@@ -32,6 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     args = ap.parse_args(argv)
 
+    if args.max_new_tokens < 1:
+        print(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
+        return 2
+    from padt.inference.predictor import check_device
+
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        print(f"--device: {err}", file=sys.stderr)
+        return 2
     model_path = args.model or DEFAULT_MODEL
     if args.model is None and not DEFAULT_MODEL.exists():
         print("No --model given and no shipped default model was found at "
@@ -42,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model path {args.model} does not exist", file=sys.stderr)
         return 2
     image_path = Path(args.image) if args.image else DEFAULT_IMAGE
+    if image_path.is_dir():
+        print(f"--image {image_path} is a directory, not an image file; pass --image PATH/TO/IMAGE", file=sys.stderr)
+        return 2
     if not image_path.is_file():
         print(f"image file {image_path} does not exist; pass --image PATH", file=sys.stderr)
         return 2
@@ -56,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         image = load_image(image_path)
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, ValueError) as err:  # ValueError: odd mode, aspect ratio over 200
         print(f"cannot read image {image_path}: {err}", file=sys.stderr)
         return 2
     try:
@@ -69,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"{err} (use --query, or --prompt)", file=sys.stderr)
         return 2
-    [pred] = predictor.predict(image, prompt)
+    try:
+        [pred] = predictor.predict(image, prompt)
+    except ValueError as err:  # e.g. a prompt longer than the model's context
+        print(f"cannot run the prompt: {err}", file=sys.stderr)
+        return 2
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -258,7 +258,7 @@ def test_merge_block_order_runs(decoder_kwargs, decoder_state, io):
     [
         ({"hidden_size": 64, "num_heads": 5}, "divisible by num_heads"),
         ({"hidden_size": 48, "num_heads": 16}, "even"),
-        ({"hidden_size": 40, "num_heads": 2}, "mask upscaler"),
+        ({"hidden_size": 8, "num_heads": 2}, "mask upscaler"),
         ({"spatial_merge_size": 0}, "spatial_merge_size"),
         ({"attn_implementation": "flash"}, "attn_implementation"),
         ({"feature_order": "raster"}, "feature_order"),

@@ -392,3 +392,60 @@ def test_embed_with_prototypes_reads_each_table_only_where_it_applies():
     # each prototype's gradient counts only its own VRT positions (text positions read prototype 0 but are not kept)
     torch.testing.assert_close(prototypes.grad, torch.ones(3, 1).expand(3, H))
     assert table.weight.grad[9].eq(1).all(), "text id 9 is used once; VRT positions (clamped to row 9) add nothing"
+
+
+def _uniform_image(batch: dict, rows: slice) -> dict:
+    """Overwrite the patches `rows` of `batch["pixel_values"]` with one colour per channel (a near-uniform image)."""
+    pv, per_channel = batch["pixel_values"], batch["pixel_values"].shape[1] // 3
+    for ch, value in enumerate((0.5, -0.3, 0.1)):
+        pv[rows, ch * per_channel:(ch + 1) * per_channel] = value
+    return batch
+
+
+def test_uniform_image_alone_and_in_a_batch_differs_only_by_float_noise_and_ties(tiny_model):
+    """A one-colour image alone vs in a left-padded batch of two: same logits to float tolerance; VRT flips are ties.
+
+    Every cell of a one-colour image gets the same features (attention over identical rows returns that row, whatever
+    the rotary), so the image's VRT logits tie up to rounding. The batch changes the rounding only: left-padding
+    keeps positions (Qwen's rope index follows the attention mask) and the per-row logit mask keeps each row to its
+    own prototypes. So an argmax may flip between tied VRTs, and nowhere else.
+    """
+    cfg = tiny_model.config
+    V, tol = cfg.vrt_base_id, 1e-4
+    a = Sample(images=[(4, 4)], text=[1, 2], tail=[7, ("vrt", 0, 1), ("vrt", 0, 3), 8, ("vrt", 0, 0), 9])
+    b = Sample(images=[(4, 6)], text=[1, 2, 3, 4, 5, 6, 9, 9], tail=[3, ("vrt", 0, 2), 4], seed=1)
+    alone_batch = _uniform_image(build_batch(cfg, [a]), slice(0, 16))
+    both_batch = _uniform_image(build_batch(cfg, [a, b]), slice(0, 16))
+    assert (both_batch["attention_mask"][0] == 0).sum() > 0, "row 0 must be left-padded in the batch"
+    alone, both = _forward(tiny_model, alone_batch), _forward(tiny_model, both_batch)
+    n = alone.logits.shape[1]
+    la, lb = alone.logits[0], both.logits[0, -n:]
+    own = slice(V, V + 4)  # the image's 4 cells
+    # logits: the same to fp32 noise (relative, the VRT logits are ~65 here), other row's VRTs masked
+    torch.testing.assert_close(lb[:, :V], la[:, :V], atol=tol, rtol=1e-5)
+    torch.testing.assert_close(lb[:, own], la[:, own], atol=tol, rtol=1e-5)
+    assert torch.isinf(lb[:, V + 4:]).all()
+    torch.testing.assert_close(both.padt_state.prototypes[:4], alone.padt_state.prototypes, atol=1e-5, rtol=1e-5)
+    # the degenerate image: its VRT logits are tied at every position
+    assert (la[:, own].max(-1).values - la[:, own].min(-1).values < tol).all()
+    # greedy choices (teacher-forced): a flip only where the alone logits tie the two choices
+    pick_a, pick_b = la.argmax(-1), lb.argmax(-1)
+    flips = (pick_a != pick_b).nonzero().flatten()
+    assert (la.max(-1).values[flips] - la[flips, pick_b[flips]] < tol).all(), "a flip that is not a near-tie"
+    assert (pick_a[flips] >= V).all() and (pick_b[flips] >= V).all(), "only tied VRTs may flip"
+
+    # free-running greedy generate: equal tokens until the first near-tie flip (then the continuations may diverge)
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "return_dict_in_generate": True,
+          "output_logits": True}
+    with torch.no_grad():
+        ga = tiny_model.generate(**alone_batch, **kw)
+        gb = tiny_model.generate(**both_batch, **kw)
+    prompt_a, prompt_b = alone_batch["input_ids"].shape[1], both_batch["input_ids"].shape[1]
+    new_a, new_b = ga.sequences[0, prompt_a:], gb.sequences[0, prompt_b:]
+    assert (new_a >= V).any(), "the test needs generated VRTs"
+    for t in range(len(new_a)):
+        step_a, step_b = ga.logits[t][0], gb.logits[t][0]
+        torch.testing.assert_close(step_b[:V], step_a[:V], atol=tol, rtol=1e-5)
+        if new_a[t] != new_b[t]:
+            assert step_a.max() - step_a[new_b[t]] < tol, f"step {t}: a flip that is not a near-tie"
+            break

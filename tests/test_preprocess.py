@@ -533,3 +533,26 @@ def test_convert_referring_jsonl(tmp_path):
     assert _run_script("convert_referring_jsonl", "--input", src, "--output", out, "--image-root", images,
                        "--bbox-format", "xywh") == 0
     assert _read(out)[0]["objects"][0]["patches"] == [1]
+
+
+def test_convert_referring_jsonl_counts_every_skipped_line(tmp_path):
+    """A line with an empty "sentences" list is a skip that is counted, not a silent drop."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (84, 56), (120, 30, 30)).save(images / "a.png")
+    lines = [
+        {"image": "a.png", "sentences": [], "bbox": [28, 0, 56, 28]},
+        {"image": "a.png", "sentences": ["ok", ""], "bbox": [28, 0, 56, 28]},
+    ]
+    src = tmp_path / "refs.jsonl"
+    src.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out, report_json = tmp_path / "o.jsonl", tmp_path / "r.json"
+    assert _run_script("convert_referring_jsonl", "--input", src, "--output", out, "--image-root", images,
+                       "--report-json", report_json) == 0
+    assert [r["objects"][0]["label"] for r in _read(out)] == ["ok"]
+    assert json.loads(report_json.read_text())["output"]["skipped_records"] == {
+        "empty 'sentences' list": 1,
+        "empty or non-string sentence": 1,
+    }

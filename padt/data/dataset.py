@@ -124,8 +124,11 @@ class PaDTDataset(torch.utils.data.Dataset):
         path = self.image_path(source, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: {path} (record {where})")
-        image = load_image(path)
-        width, height = image.size  # original size: the RLE and the normalised boxes refer to it
+        try:
+            image = load_image(path)  # upright (EXIF orientation applied), RGB from any PIL mode
+        except ValueError as err:  # an unconvertible mode or an aspect ratio the processor cannot take
+            raise ValueError(f"{err} (record {where})") from None
+        width, height = image.size  # original size (upright frame): the RLE and the normalised boxes refer to it
         if self.upscale_tiny:
             image = upscale_tiny_image(image, self.geometry.cell_size)
         grid = self.geometry.grid(image.height, image.width)

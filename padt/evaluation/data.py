@@ -108,7 +108,7 @@ def load_samples(
 
 def image_wh(sample: EvalSample, pred: dict | None) -> tuple[int, int]:
     """(width, height) of the sample's original image: from a ground-truth RLE's size, else the prediction's
-    `image_size`, else the image file's header."""
+    `image_size`, else the image file's header (in the upright frame: EXIF orientations 5-8 swap the sides)."""
     for rec in sample.records:
         for obj in rec.get("objects") or []:
             rle = obj.get("rle")
@@ -118,10 +118,9 @@ def image_wh(sample: EvalSample, pred: dict | None) -> tuple[int, int]:
     if pred is not None and pred.get("image_size"):
         w, h = pred["image_size"]
         return int(w), int(h)
-    from PIL import Image
+    from padt.geometry.images import upright_size
 
-    with Image.open(sample.image_path) as img:
-        return img.size
+    return upright_size(sample.image_path)  # the upright frame (EXIF orientation applied), as the predictor sees it
 
 
 def referred_object(sample: EvalSample) -> dict:

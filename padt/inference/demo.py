@@ -60,14 +60,18 @@ class DemoApp:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | None = None, max_new_tokens: int = 512) -> DemoApp:
-        from padt.inference.predictor import PaDTPredictor
+        """A `DemoApp` over `PaDTPredictor.from_pretrained`; `ValueError` for an unusable device (cuda without CUDA)
+        or ``max_new_tokens < 1``."""
+        from padt.inference.predictor import PaDTPredictor, check_device
 
+        check_device(device)  # a clear ValueError for cuda on a CPU-only build, before loading anything
         return cls(PaDTPredictor.from_pretrained(path, device=device, max_new_tokens=max_new_tokens))
 
     def predict(self, image: Image.Image | str | os.PathLike | None, task: str, query: str | None = None,
                 prompt: str | None = None) -> tuple[str, Image.Image, Image.Image, Image.Image]:
         """Returns (completion text, boxes drawn on the image, masks, VRT cells over the image), all at the image's
-        size. Raises ValueError for a missing image or an incomplete task preset."""
+        size. Raises ValueError for a missing image or an incomplete task preset. Typed text (query, prompt) is plain
+        text: the predictor escapes special-token strings in it (`PaDTPredictor.predict`)."""
         from padt.inference.visualization import draw_boxes, draw_masks, draw_vrt_cells
         from padt.processing.qwen import load_image
 

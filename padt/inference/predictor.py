@@ -79,6 +79,36 @@ def mask_to_image(mask_logits: torch.Tensor, valid_hw: tuple[int, int], upscale:
     return (full.sigmoid() > 0.5).cpu().numpy()
 
 
+def check_max_new_tokens(max_new_tokens) -> int:
+    """`max_new_tokens` as an int >= 1, else `ValueError` naming it (0 would otherwise fall back to the default)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    return int(max_new_tokens)
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """`device` as a `torch.device` (None stays None), or `ValueError` for an unknown device string or a CUDA device
+    when CUDA is not available in this torch build."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device ({err}); use e.g. cpu, cuda or cuda:1") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available in this torch build; use --device cpu "
+                         "(device='cpu')")
+    return dev
+
+
+def context_limit(model) -> int | None:
+    """The model's context length (``config.text_config.max_position_embeddings``), or None when it has none."""
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None) or config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
 class PaDTPredictor:
     """Batched inference: prompts -> generate -> parse VRT runs -> `vl_decode` -> boxes/masks in image pixels."""
 
@@ -92,7 +122,7 @@ class PaDTPredictor:
         """`distinct_vrts`: forbid repeating a VRT within one object's run (`padt.processing.generation`; off = authors')."""
         self.model = model.eval()
         self.processor = processor
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = check_max_new_tokens(max_new_tokens)
         self.distinct_vrts = distinct_vrts
 
     @classmethod
@@ -102,7 +132,7 @@ class PaDTPredictor:
     ) -> PaDTPredictor:
         """Load model and processor from one directory (or hub id). Default device: cuda if available, else cpu;
         default dtype: bfloat16 on cuda, float32 on cpu."""
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         _, model_class = padt_classes_for(path)
         model = model_class.from_pretrained(path, dtype=dtype).to(device)
@@ -115,23 +145,33 @@ class PaDTPredictor:
         images: Image.Image | str | os.PathLike | list,
         prompts: str | list[str],
         max_new_tokens: int | None = None,
+        raw_prompt: bool = False,
         **generate_kwargs,
     ) -> list[Prediction]:
-        """Run one prompt per image (lists are batched with left padding). Returns one `Prediction` per pair."""
+        """Run one prompt per image (lists are batched with left padding). Returns one `Prediction` per pair.
+
+        Prompts are typed text: special-token strings in them (`<|im_end|>`, `<|image_pad|>`, `<|VRT_k|>`, ...) are
+        escaped so they tokenise as plain text (`padt.processing.processor.escape_special_text`); pass
+        ``raw_prompt=True`` to have them read as special tokens. Raises `ValueError` for ``max_new_tokens < 1`` and
+        for a prompt (image tokens included) longer than the model's context."""
+        max_new_tokens = check_max_new_tokens(self.max_new_tokens if max_new_tokens is None else max_new_tokens)
         single = not isinstance(prompts, list)
         prompts = [prompts] if single else prompts
         images = [images] if not isinstance(images, list) else images
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")
+        if not raw_prompt:
+            prompts = [self.processor.escape_text(p) for p in prompts]
         pil = [load_image(im) for im in images]
         inputs = self.processor(images=pil, prompts=prompts).to(self.model.device)
+        self._check_context(inputs["attention_mask"])
         if self.distinct_vrts:
             processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
             processors.append(DistinctVRTLogitsProcessor(self.model.config.vrt_base_id))
             generate_kwargs["logits_processor"] = processors
         out = self.model.generate(
             **inputs,
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             do_sample=generate_kwargs.pop("do_sample", False),
             return_dict_in_generate=True,
             **generate_kwargs,
@@ -168,3 +208,15 @@ class PaDTPredictor:
                 ))
                 k += 1
         return preds
+
+    def _check_context(self, attention_mask: torch.Tensor) -> None:
+        """`ValueError` when a prompt's tokens (image tokens included) exceed the model's context."""
+        limit = context_limit(self.model)
+        if limit is None:
+            return
+        lengths = attention_mask.sum(dim=1).tolist()
+        for b, n in enumerate(lengths):
+            if n > limit:
+                raise ValueError(f"prompt {b} is {int(n)} tokens long (image tokens included), more than the model's "
+                                 f"context of {limit} tokens (config.text_config.max_position_embeddings); shorten "
+                                 "the prompt or use a smaller image")

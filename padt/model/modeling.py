@@ -65,28 +65,35 @@ class PaDTModelMixin(VisionLanguageBackbone):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str, *args: Any, allow_missing_padt_weights: bool | None = None, **kwargs: Any
+        cls, pretrained_model_name_or_path: str, *args: Any, allow_missing_padt_weights: bool | None = None,
+        allow_missing_weights: bool = False, **kwargs: Any
     ) -> PaDTModelMixin:
-        """transformers' `from_pretrained`, plus a check of the PaDT weights.
+        """transformers' `from_pretrained`, plus checks of the path and of the weights.
 
-        A base backbone checkpoint (no `vl_decoder` in its config.json) starts PaDT training: the new modules are
-        initialised (`vis_norm` = 0, N(0, 0.02) linears). A PaDT checkpoint (its config has `vl_decoder`) that lacks
-        any PaDT weight raises `ValueError` naming them, unless `allow_missing_padt_weights=True`.
+        A local folder must exist and hold `config.json`, its weights and complete safetensors files (else
+        `FileNotFoundError` / `ValueError` naming the file, before anything is built; `padt.model.loading`). Any
+        checkpoint that lacks backbone (LLM, vision tower) weights raises `ValueError` naming them, unless
+        `allow_missing_weights=True` (`lm_head.weight` of tied embeddings is not missing). A base backbone checkpoint
+        (no `vl_decoder` in its config.json) starts PaDT training: the new modules are initialised (`vis_norm` = 0,
+        N(0, 0.02) linears). A PaDT checkpoint (its config has `vl_decoder`) that lacks any PaDT weight raises
+        `ValueError` naming them, unless `allow_missing_padt_weights=True`.
         """
+        from padt.model.loading import HUB_KWARGS, check_loaded_weights, check_model_folder, resolve_source
+
+        folder = None
+        if pretrained_model_name_or_path is not None:  # None: transformers builds from `config` + `state_dict`
+            hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+            folder = resolve_source(pretrained_model_name_or_path, **hub_kwargs)
+        if folder is not None and not kwargs.get("gguf_file"):
+            check_model_folder(folder)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        missing = sorted(k for k in info["missing_keys"] if k.split(".")[0] in PADT_MODULE_NAMES)
-        if missing and allow_missing_padt_weights is None:
-            raw, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **{
-                k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only", "token", "subfolder") if k in kwargs
-            })
-            allow_missing_padt_weights = "vl_decoder" not in raw
-        if missing and not allow_missing_padt_weights:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} is a PaDT checkpoint (its config has vl_decoder) but lacks "
-                f"{len(missing)} PaDT weights: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. "
-                "Pass allow_missing_padt_weights=True to initialise them instead."
-            )
+        check_loaded_weights(
+            pretrained_model_name_or_path, model, info["missing_keys"], PADT_MODULE_NAMES,
+            allow_missing_weights=allow_missing_weights, allow_missing_padt_weights=allow_missing_padt_weights,
+            config_kwargs={k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only", "token", "subfolder")
+                           if k in kwargs},
+        )
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -42,7 +42,8 @@ class GridSpec(GridGeometry):
 
 # --------------------------------------------------------------------------- images
 def image_size(entry: dict, image_root: str | os.PathLike | None, file_name: str) -> tuple[int, int]:
-    """(height, width) of an image: from ``entry['height'/'width']``, else read from ``image_root/file_name``.
+    """(height, width) of an image: from ``entry["height"/"width"]``, else read from the header of
+    ``image_root/file_name`` in the upright frame (EXIF orientations 5-8 swap the stored sides).
 
     With ``image_root`` given, a missing image file raises Skip (the record is counted, not silently lost).
     """
@@ -53,10 +54,9 @@ def image_size(entry: dict, image_root: str | os.PathLike | None, file_name: str
     if height is None or width is None:
         if path is None:
             raise Skip("image size unknown (no height/width and no --image-root)")
-        from PIL import Image
+        from padt.geometry.images import upright_size
 
-        with Image.open(path) as img:
-            width, height = img.size
+        width, height = upright_size(path)  # the upright frame: EXIF orientations 5-8 swap the stored sides
     try:
         height, width = int(height), int(width)
     except (TypeError, ValueError):

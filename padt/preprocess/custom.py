@@ -38,6 +38,8 @@ def _sentences(row: dict) -> list:
         sents = row["sentences"]
         if not isinstance(sents, list):
             raise Skip("'sentences' is not a list")
+        if not sents:
+            raise Skip("empty 'sentences' list")
         return sents
     if "sentence" in row:
         return [row["sentence"]]
@@ -72,7 +74,7 @@ def referring_jsonl_records(
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
     for lineno, row in tqdm(iter_jsonl(path, "referring JSONL"), desc="referring", unit="line", disable=not progress):
         sentences = row.get("sentences") if isinstance(row, dict) else None
-        n = len(sentences) if isinstance(sentences, list) else 1
+        n = max(1, len(sentences)) if isinstance(sentences, list) else 1  # a skipped line counts at least once
         try:
             if not isinstance(row, dict):
                 raise Skip("line is not a JSON object")

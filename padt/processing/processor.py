@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,6 +144,10 @@ class VRTTextMixin:
             sequences = sequences.tolist()
         return [self.decode(s, skip_special_tokens=skip_special_tokens, **kwargs) for s in sequences]
 
+    def escape_text(self, text: str) -> str:
+        """Typed text with its special-token strings made plain text (`escape_special_text`)."""
+        return escape_special_text(text, self.tokenizer)
+
     def pid2vrt(self, patch_ids) -> str:
         """Cell indices -> concatenated `<|VRT_i|>` string."""
         return pid2vrt(patch_ids)
@@ -194,6 +199,28 @@ class VRTTextMixin:
         return rows[0] if flat else rows
 
 
+TEXT_ESCAPE = "\u200b"  # zero-width space: splits a typed special-token string so no added token matches it
+
+
+def escape_special_text(text: str, tokenizer) -> str:
+    """Typed text -> text in which no special-token string is recognised: every occurrence of an added token of
+    ``tokenizer`` (`<|im_end|>`, `<|im_start|>`, `<|image_pad|>`, ...) and of `<|VRT_k|>` gets a zero-width space
+    after its first character, so it tokenises as plain characters (no chat turn injected, no image/VRT ids).
+
+    Apply it to the user's text only, before the chat template adds its own special tokens."""
+    if not isinstance(text, str):
+        raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+    names = sorted({getattr(t, "content", str(t)) for t in tokenizer.added_tokens_decoder.values()}, key=len,
+                   reverse=True)
+    pattern = re.compile("|".join([re.escape(n) for n in names if len(n) > 1] + [VRT_TOKEN_PATTERN.pattern]))
+    for _ in range(len(text) + 1):  # each pass breaks at least one match and creates none: a fixed point is reached
+        escaped = pattern.sub(lambda m: m.group(0)[0] + TEXT_ESCAPE + m.group(0)[1:], text)
+        if escaped == text:
+            return text
+        text = escaped
+    return text
+
+
 def detect_vrt_base(tokenizer) -> int | None:
     vrt0 = [i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "content", str(t)) == "<|VRT_0|>"]
     return vrt0[0] if vrt0 else None
@@ -231,8 +258,17 @@ class PaDTProcessor(VRTTextMixin):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, vrt_base_id: int | None = None, **kwargs) -> PaDTProcessor:
         """Load from a directory. V comes from ``vrt_base_id``, else ``padt_processor.json`` (our save), else the
-        ``vocab_size`` of a ``config.json`` beside the processor files, else the tokenizer's `<|VRT_0|>` id."""
+        ``vocab_size`` of a ``config.json`` beside the processor files, else the tokenizer's `<|VRT_0|>` id.
+
+        A missing folder, or one without tokenizer files or an image processor config, raises `FileNotFoundError`
+        naming what is missing (`padt.model.loading.check_processor_folder`) before anything is built."""
+        from padt.model.loading import CheckpointNotFoundError, check_processor_folder
+
         path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise CheckpointNotFoundError(f"{path}: no such processor folder (a saved processor directory is "
+                                          "expected; no hub access)")
+        check_processor_folder(path)
         processor = load_processor(path, **kwargs)
         merge = None
         saved = os.path.join(path, PADT_PROCESSOR_FILE)

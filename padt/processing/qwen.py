@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import Qwen2_5_VLProcessor
 
 from padt.geometry.grids import smart_resize
+from padt.geometry.images import MAX_ASPECT_RATIO, check_aspect_ratio, read_image, to_rgb, upright
 
 __all__ = [
     "ImageOnlyQwen2_5_VLProcessor",
@@ -128,13 +129,26 @@ def load_processor(path: str | os.PathLike, **kwargs):
 
 
 # ============================================================================ PIL-only drop-ins for qwen_vl_utils
-def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
-    """PIL image, path, ``file://`` path, ``data:image/...;base64,`` URI or http(s) URL -> RGB PIL image.
+def load_image(image: Image.Image | str | os.PathLike, max_aspect_ratio: float | None = MAX_ASPECT_RATIO
+               ) -> Image.Image:
+    """PIL image, path, ``file://`` path, ``data:image/...;base64,`` URI or http(s) URL -> upright RGB PIL image.
 
-    Transparent images are composited on white (as qwen_vl_utils does).
+    The EXIF orientation is applied (`PIL.ImageOps.exif_transpose`), so boxes and masks come back in the frame a
+    viewer shows. Every PIL mode becomes 8-bit RGB by `padt.geometry.images.to_rgb`: 16-bit scaled by 255/65535,
+    float by its value range, CMYK / palette / grey converted, and transparent images composited on white (as
+    qwen_vl_utils does).
+
+    Args:
+        max_aspect_ratio: images whose long side is more than this times the short side raise a ValueError naming
+            the size (the processor's limit, 200); None skips the check.
+
+    Raises:
+        FileNotFoundError: a path that does not exist. ValueError: a directory, a malformed data URI, an unreadable
+        mode or a too-elongated image. TypeError: anything else than an image, path or URL.
     """
     if isinstance(image, Image.Image):
-        img = image
+        img = to_rgb(upright(image))
+        img = image.copy() if img is image else img  # a new image, as ``convert`` gave: callers may draw on it
     elif isinstance(image, (str, os.PathLike)):
         src = os.fspath(image)
         if src.startswith(("http://", "https://")):
@@ -142,21 +156,23 @@ def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
 
             with urlopen(src) as resp:  # a user-supplied URL, as in qwen_vl_utils
                 img = Image.open(BytesIO(resp.read()))
+            img.load()
+            img = to_rgb(upright(img))
         elif src.startswith("data:image"):
             if "base64," not in src:
                 raise ValueError("data URI images must be base64-encoded ('data:image/...;base64,...')")
             img = Image.open(BytesIO(base64.b64decode(src.split("base64,", 1)[1])))
+            img.load()
+            img = to_rgb(upright(img))
         else:
-            img = Image.open(src.removeprefix("file://"))
-        img.load()
+            img = read_image(src.removeprefix("file://"))
     else:
         raise TypeError(f"expected a PIL image, a path or a URL, got {type(image).__name__}")
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.split()[3])
-        return background
-    return img.convert("RGB")
+    if max_aspect_ratio is not None:
+        what = f"image {os.fspath(image)}" if isinstance(image, (str, os.PathLike)) and len(os.fspath(image)) < 300 \
+            else "image"
+        check_aspect_ratio(img.width, img.height, max_aspect_ratio, what=what)
+    return img
 
 
 def fetch_image(ele: dict, image_patch_size: int = 14, spatial_merge_size: int = 2) -> Image.Image:

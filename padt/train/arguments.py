@@ -149,6 +149,7 @@ class PaDTTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._check_schedule()
         _ = self.vrt_per_object  # validates num_vrt
         if self.bf16 is None:
             self.bf16 = _bf16_gpu_available()
@@ -186,6 +187,24 @@ class PaDTTrainingArguments(TrainingArguments):
             raise ValueError("dataloader_persistent_workers=True keeps the collator of the first epoch in the workers, "
                              "so the per-epoch VRT picks would repeat; leave it False")
         super().__post_init__()
+
+    def _check_schedule(self) -> None:
+        """`ValueError` naming the flag for a batch size, accumulation, step count, epoch count or learning rate that
+        cannot train (checked before the model loads; `TrainingArguments` would fail late, divide by zero, or silently
+        train by epochs)."""
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"--gradient_accumulation_steps must be >= 1 (1 = no accumulation), got "
+                             f"{self.gradient_accumulation_steps}")
+        if self.per_device_train_batch_size < 1:
+            raise ValueError(f"--per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ValueError(f"--max_steps must be a positive number of optimizer steps, or -1 to train for "
+                             f"--num_train_epochs; got {self.max_steps}")
+        if self.num_train_epochs < 0:
+            raise ValueError(f"--num_train_epochs must be >= 0 (a float is allowed, e.g. 1.5), got "
+                             f"{self.num_train_epochs}")
+        if self.learning_rate < 0:
+            raise ValueError(f"--learning_rate must be >= 0 (the authors' recipe: 2e-5), got {self.learning_rate}")
 
     @property
     def vrt_per_object(self) -> int | None:

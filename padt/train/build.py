@@ -8,7 +8,6 @@ tests and notebooks can use the pieces.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -74,14 +73,20 @@ def load_model(script_args: PaDTScriptArguments, args: PaDTTrainingArguments):
 def load_padt_processor(script_args: PaDTScriptArguments, vrt_base_id: int):
     """`PaDTProcessor` from `processor_name_or_path` (default: the model's), with the run's pixel limits.
 
-    A hub name (not a local folder) is fetched with `huggingface_hub.snapshot_download`, processor files only.
+    A hub name (not a local folder) is fetched with `huggingface_hub.snapshot_download`, processor files only; a path
+    that looks local but does not exist, or a hub name that is not cached while offline, raises `FileNotFoundError`
+    at once (`padt.model.loading.resolve_source`), as does a folder without tokenizer / image processor files.
     """
     from transformers.image_utils import SizeDict
 
+    from padt.model.loading import resolve_source
     from padt.processing.processor import PaDTProcessor
 
     path = script_args.processor_name_or_path or script_args.model_name_or_path
-    if not os.path.isdir(path):
+    local = resolve_source(path)
+    if local is not None:
+        path = local
+    else:
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(path, allow_patterns=list(PROCESSOR_FILE_PATTERNS))

@@ -7,17 +7,27 @@ adapters into a saved checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["load_saved_state_dict", "load_state_dict_strict", "to_model_keys", "weight_files"]
+__all__ = ["checkpoint_problem", "complete_checkpoints", "load_saved_state_dict", "load_state_dict_strict",
+           "save_error", "to_model_keys", "weight_files"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+# torch.save (zip) files of a checkpoint that the Trainer loads when resuming, when present
+_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def weight_files(folder: str | os.PathLike) -> list[str] | None:
@@ -71,3 +81,115 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         )
     if tied:
         model.tie_weights()
+
+
+# ============================================================================ complete checkpoints (resume)
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (missing, header unreadable, shorter or longer than its header says)."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                return f"{path.name} is truncated ({size} bytes, header of {header_len})"
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, ValueError) as exc:
+        return f"{path.name} has an unreadable header ({exc})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + header_len + end:
+        return f"{path.name} is truncated ({size} bytes, expected {8 + header_len + end})"
+    return None
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` is not a complete checkpoint to resume from, or None when it is.
+
+    Complete: `trainer_state.json` (written last by the Trainer) parses; the weights are there, i.e.
+    `model.safetensors`, or `model.safetensors.index.json` and every shard it lists, each as long as its header says
+    (or a DeepSpeed `latest` tag naming an existing folder); and `optimizer.pt` / `scheduler.pt` / `scaler.pt`, where
+    present, are whole zip archives (a write cut short loses the archive's directory at the end).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    try:
+        state = json.loads((folder / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{TRAINER_STATE_FILE} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{TRAINER_STATE_FILE} does not parse ({exc})"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return f"{TRAINER_STATE_FILE} has no global_step"
+    latest = folder / "latest"  # DeepSpeed engine checkpoint: its tag folder holds the weights
+    if latest.is_file() and (folder / latest.read_text(encoding="utf-8").strip()).is_dir():
+        names: list[str] | None = []
+    elif (folder / SINGLE_FILE).is_file():
+        names = [SINGLE_FILE]
+    elif (folder / INDEX_FILE).is_file():
+        try:
+            names = weight_files(folder)
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            return f"{INDEX_FILE} does not parse ({exc})"
+    else:
+        return f"no weights ({SINGLE_FILE} or {INDEX_FILE})"
+    for name in names or ():
+        problem = _safetensors_problem(folder / name)
+        if problem:
+            return problem
+    for name in _TORCH_FILES:
+        path = folder / name
+        if path.exists() and not zipfile.is_zipfile(path):
+            return f"{name} is truncated or not a torch.save archive"
+    return None
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """(`checkpoint-N` folders of `output_dir` that are complete, newest (largest N) first; {incomplete folder: why})."""
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = _CHECKPOINT_NAME.match(name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    complete, skipped = [], {}
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem:
+            skipped[path] = problem
+        else:
+            complete.append(path)
+    return complete, skipped
+
+
+# ============================================================================ save errors
+def save_error(exc: BaseException, path: str | os.PathLike) -> OSError | None:
+    """An `OSError` saying what went wrong writing to `path` (errno, reason, free space), for an `OSError` or for the
+    `RuntimeError` torch.save raises on a failed write (`basic_ios::clear`, `file write failed`); None for any other
+    error (re-raise it unchanged)."""
+    if isinstance(exc, OSError):
+        code, reason = exc.errno, exc.strerror or str(exc)
+    elif isinstance(exc, RuntimeError) and any(
+        s in str(exc) for s in ("basic_ios", "file write failed", "PytorchStreamWriter", "inline_container")
+    ):
+        code, reason = None, f"the write failed ({' '.join(str(exc).split())[:300]})"
+    else:
+        return None
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**30:.2f} GiB free on {where}"
+    except OSError:
+        free = "free space unknown"
+    writable = "writable" if os.access(where, os.W_OK) else "NOT writable"
+    hint = {errno.ENOSPC: "free disk space or use another --output_dir",
+            errno.EDQUOT: "free quota or use another --output_dir",
+            errno.EACCES: "make the folder writable or use another --output_dir",
+            errno.EROFS: "the file system is read-only: use another --output_dir"}.get(
+        code, "check the disk space and permissions of --output_dir")
+    name = f" [{errno.errorcode.get(code, code)}]" if code is not None else ""
+    message = (f"saving to {path} failed{name}: {reason} ({free}; {where} is {writable}); {hint}. "
+               "An incomplete checkpoint folder is skipped when resuming.")
+    return OSError(code, message) if code is not None else OSError(message)

@@ -9,6 +9,8 @@ What it overrides, and nothing else (no Trainer internals are copied):
   in their `compute_loss`, `src/PaDT/trainer/padt_sft_trainer.py`; docs/method.md#the-training-step-and-losses);
 * `prediction_step`: the same loss under `no_grad` for evaluation (the model's own forward takes no PaDT targets);
 * `_load_from_checkpoint`: weights of a resumed run (see **Resume**);
+* `_save_checkpoint` / `save_model`: a failed write (disk full, folder not writable; torch.save says only
+  `basic_ios::clear`) raises an `OSError` naming the path, the errno and the free space (`padt.train.checkpoints.save_error`);
 * `log`: TRL-style side metrics. Every micro-batch appends each term (`loss_ce`, `loss_bbox`, `loss_giou`,
   `loss_score`, `loss_dice`, `loss_mask`, `iou`, `giou`, auxiliary losses and their metrics, the authors'
   `sft_loss`/`bbox_loss`/`score_loss`/`mask_loss`) and batch facts (`objects_per_sample`, `batches_without_objects`) to `self._metrics`; `log` averages
@@ -49,7 +51,7 @@ from transformers import Trainer, TrainerCallback
 
 from padt.train.arguments import PaDTTrainingArguments
 from padt.train.auxiliary import AuxiliaryLoss, check_auxiliary_wiring
-from padt.train.checkpoints import load_saved_state_dict, load_state_dict_strict
+from padt.train.checkpoints import load_saved_state_dict, load_state_dict_strict, save_error
 from padt.train.criterion import PaDTCriterion
 
 # compute_padt_loss also returns these; the Trainer logs its own `loss`, and `objects_per_sample` replaces the count.
@@ -193,6 +195,30 @@ class PaDTTrainer(Trainer):
         if state is None or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_state_dict_strict(model if model is not None else self.model, state, resume_from_checkpoint)
+
+    # ------------------------------------------------------------------ saving
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint save, with a failed write reported as an `OSError` naming the checkpoint folder."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = f"{self._get_output_dir(trial=trial)}/{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as exc:
+            error = save_error(exc, folder)
+            if error is None:
+                raise
+            raise error from exc
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's `save_model`, with a failed write reported as an `OSError` naming `output_dir`."""
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        except (OSError, RuntimeError) as exc:
+            error = save_error(exc, output_dir if output_dir is not None else self.args.output_dir)
+            if error is None or _internal_call:  # inside _save_checkpoint: reported there, with the folder
+                raise
+            raise error from exc
 
     # ------------------------------------------------------------------ metrics
     def _record(self, mode: str, logs: Mapping[str, Any], inputs: Mapping[str, Any]) -> None:

@@ -18,7 +18,9 @@ BACKBONES: dict[str, tuple[str, str, str]] = {
 
 def _lookup(model_type: str) -> tuple[str, str, str]:
     if model_type not in BACKBONES:
-        raise ValueError(
+        from padt.model.loading import CheckpointError
+
+        raise CheckpointError(
             f"no PaDT backbone for model_type={model_type!r}; supported: {sorted(BACKBONES)} "
             "(a backbone is one module in padt/model/backbones/, see base.py)"
         )
@@ -41,15 +43,22 @@ def padt_classes_for(pretrained: str | os.PathLike | Any, **hub_kwargs: Any) -> 
     """`(config class, model class)` for a checkpoint folder / hub id (read from its `config.json`) or a config object.
 
     `hub_kwargs` (`revision`, `cache_dir`, `local_files_only`, `token`, `trust_remote_code`, ...) go to
-    `PretrainedConfig.get_config_dict`.
+    `PretrainedConfig.get_config_dict`. A path that looks local but does not exist, or a folder without `config.json`,
+    raises `FileNotFoundError` at once (`padt.model.loading.resolve_source`); an unsupported `model_type` raises
+    `ValueError` naming it and the supported ones (both are `padt.model.loading.CheckpointError`s).
     """
     if hasattr(pretrained, "model_type") and not isinstance(pretrained, (str, os.PathLike)):
         model_type = pretrained.model_type
     else:
         from transformers import PretrainedConfig
 
-        raw, _ = PretrainedConfig.get_config_dict(str(pretrained), **hub_kwargs)
+        from padt.model.loading import CheckpointError, check_config_file, resolve_source
+
+        folder = resolve_source(pretrained, **hub_kwargs)
+        if folder is not None:
+            check_config_file(folder)
+        raw, _ = PretrainedConfig.get_config_dict(os.fspath(pretrained), **hub_kwargs)
         model_type = raw.get("model_type")
         if model_type is None:
-            raise ValueError(f"{pretrained}: config.json has no model_type, so its backbone is unknown")
+            raise CheckpointError(f"{pretrained}: config.json has no model_type, so its backbone is unknown")
     return padt_config_class(model_type), padt_model_class(model_type)

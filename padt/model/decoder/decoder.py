@@ -77,7 +77,8 @@ class PaDTDecoder(nn.Module):
     """Decodes per-object VRT features into a box, a score logit and mask logits.
 
     Args:
-        hidden_size (`int`): decoder width D; must equal the ViT width (high-res states are added unprojected).
+        hidden_size (`int`): decoder width D; must equal the ViT width (high-res states are added unprojected). Any
+            width >= 16 that `num_heads` divides; the mask upscaler uses D // 4 and D // 16 channels, as the authors'.
         intermediate_size (`int`): MLP width of each block.
         llm_hidden_size (`int`): width L of the VRT features and prototypes (the LLM width).
         num_heads (`int`): attention heads; head_dim = D / num_heads must equal the ViT rotary width.
@@ -117,9 +118,12 @@ class PaDTDecoder(nn.Module):
         if (hidden_size // num_heads) % 2:
             raise ValueError(f"head_dim {hidden_size // num_heads} must be even for rotary embeddings")
         mask_factor = MASK_SUBPIXEL_SPLIT**2  # channel reduction of one upscaling stage
-        if hidden_size % (mask_factor * mask_factor):
+        # The authors lay the upscaler out with floor division (D // 4, D // 16), so any width works; only a width
+        # under 16 leaves the mask embeddings with no channel (every mask logit would be 0).
+        if hidden_size < mask_factor * mask_factor:
             raise ValueError(
-                f"hidden_size {hidden_size} must be divisible by {mask_factor * mask_factor} for the mask upscaler"
+                f"hidden_size {hidden_size} must be >= {mask_factor * mask_factor} for the mask upscaler "
+                f"(its sub-pixel embeddings have hidden_size // {mask_factor * mask_factor} channels)"
             )
         if rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {rms_norm_eps}")
@@ -148,9 +152,11 @@ class PaDTDecoder(nn.Module):
         self.high_res_norm = RMSNorm(d, rms_norm_eps)
         self.bbox_prediction = make_mlp([d, d, d, 4], final=nn.Sigmoid())
         self.score_prediction = nn.Linear(d, 1)
-        up1, up2 = d // mask_factor, d // (mask_factor * mask_factor)  # sub-pixel widths after stage 1 and 2
+        # sub-pixel widths after stage 1 and 2, floor-divided as in the authors' code: for D not divisible by 16 the
+        # stage outputs (up1 * 4, up2 * 4) are narrower than D and D // 4.
+        up1, up2 = d // mask_factor, d // (mask_factor * mask_factor)
         self.mask_output_upscaling1 = nn.Sequential(
-            nn.Linear(d, up1 * mask_factor), RMSNorm(d, rms_norm_eps), nn.GELU()
+            nn.Linear(d, up1 * mask_factor), RMSNorm(up1 * mask_factor, rms_norm_eps), nn.GELU()
         )
         self.mask_output_upscaling2 = nn.Sequential(nn.Linear(up1, up2 * mask_factor), nn.GELU())
         self.mask_output_mlp = make_mlp([d, d, d, up2])
@@ -251,7 +257,7 @@ class PaDTDecoder(nn.Module):
         k = MASK_SUBPIXEL_SPLIT
         s = self.mask_upscale
         # each upscaling stage splits a row's vector into a k x k grid of sub-pixels: (a, b), then (c1, c2)
-        x = rearrange(self.mask_output_upscaling1(memory), "t (a b c) -> t a b c", a=k, b=k)  # Tm x a x b x D/4
+        x = rearrange(self.mask_output_upscaling1(memory), "t (a b c) -> t a b c", a=k, b=k)  # Tm x a x b x D//4
         x = self.mask_output_upscaling2(x)  # Tm x a x b x (c1 c2 C)
         seg = layout.segment_ids
         if layout.is_uniform:  # one (L*s*s, C) @ (C,) product per object, no (Tm, s, s, C) temporary
