@@ -24,15 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     args = ap.parse_args(argv)
-    if args.max_new_tokens < 1:
-        print(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
-        return 2
-    from padt.inference.predictor import check_device
+    from padt.inference.predictor import cli_generation_error
 
-    try:
-        check_device(args.device)
-    except ValueError as err:
-        print(f"--device: {err}", file=sys.stderr)
+    error = cli_generation_error(args.max_new_tokens, args.device)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     try:
         import gradio  # noqa: F401

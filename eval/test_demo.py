@@ -32,15 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     args = ap.parse_args(argv)
 
-    if args.max_new_tokens < 1:
-        print(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
-        return 2
-    from padt.inference.predictor import check_device
+    from padt.inference.predictor import cli_generation_error
 
-    try:
-        check_device(args.device)
-    except ValueError as err:
-        print(f"--device: {err}", file=sys.stderr)
+    error = cli_generation_error(args.max_new_tokens, args.device)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     model_path = args.model or DEFAULT_MODEL
     if args.model is None and not DEFAULT_MODEL.exists():

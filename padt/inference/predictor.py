@@ -86,6 +86,18 @@ def check_max_new_tokens(max_new_tokens) -> int:
     return int(max_new_tokens)
 
 
+def cli_generation_error(max_new_tokens: int, device: str | None) -> str | None:
+    """The one-line error of a command line's `--max-new-tokens` / `--device`, or None when both are usable (the demo
+    and the app print it and exit 2)."""
+    if max_new_tokens < 1:
+        return f"--max-new-tokens must be >= 1, got {max_new_tokens}"
+    try:
+        check_device(device)
+    except ValueError as err:
+        return f"--device: {err}"
+    return None
+
+
 def check_device(device: str | torch.device | None) -> torch.device | None:
     """`device` as a `torch.device` (None stays None), or `ValueError` for an unknown device string or a CUDA device
     when CUDA is not available in this torch build."""
