@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -89,15 +90,32 @@ def check_config_file(folder: str) -> None:
         )
 
 
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why a safetensors file is unusable (missing, header unreadable, shorter or longer than its header says), or
+    None. Reads only the header: no tensor is loaded."""
+    name = os.path.basename(os.fspath(path))
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                return f"{name} is truncated ({size} bytes, header of {header_len})"
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, ValueError) as exc:
+        return f"{name} has an unreadable header ({exc})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + header_len + end:
+        return f"{name} is truncated ({size} bytes, expected {8 + header_len + end})"
+    return None
+
+
 def check_safetensors_file(file: str) -> None:
     """`CheckpointError` naming `file` when its header cannot be read or its data is cut short (a partial copy)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(file, framework="pt"):
-            pass
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file} is truncated or corrupt ({err}); copy or download it again") from None
+    problem = safetensors_problem(file)
+    if problem:
+        raise CheckpointError(f"{file} is truncated or corrupt ({problem}); copy or download it again") from None
 
 
 def check_model_folder(folder: str) -> None:

@@ -12,12 +12,13 @@ import json
 import os
 import re
 import shutil
-import struct
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from padt.model.loading import safetensors_problem
 
 __all__ = ["checkpoint_problem", "complete_checkpoints", "load_saved_state_dict", "load_state_dict_strict",
            "save_error", "to_model_keys", "weight_files"]
@@ -84,25 +85,6 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 # ============================================================================ complete checkpoints (resume)
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file is unusable (missing, header unreadable, shorter or longer than its header says)."""
-    if not path.is_file():
-        return f"{path.name} is missing"
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                return f"{path.name} is truncated ({size} bytes, header of {header_len})"
-            header = json.loads(f.read(header_len))
-    except (OSError, struct.error, ValueError) as exc:
-        return f"{path.name} has an unreadable header ({exc})"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if size != 8 + header_len + end:
-        return f"{path.name} is truncated ({size} bytes, expected {8 + header_len + end})"
-    return None
-
-
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """Why `folder` is not a complete checkpoint to resume from, or None when it is.
 
@@ -135,7 +117,7 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     else:
         return f"no weights ({SINGLE_FILE} or {INDEX_FILE})"
     for name in names or ():
-        problem = _safetensors_problem(folder / name)
+        problem = safetensors_problem(folder / name)
         if problem:
             return problem
     for name in _TORCH_FILES:
